@@ -57,3 +57,77 @@ def sample_custom(model, sampler_function, sigmas, positive, latent_samples, cfg
     # cfg 1: ComfyUI then skips the uncond pass, so the negative is never evaluated.
     return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, positive,
                                       latent_samples, disable_pbar=True)
+
+
+def load_model(model):
+    """Loads (and weight-patches, e.g. with LoRAs) a ModelPatcher onto its device, as samplers do."""
+    comfy.model_management.load_models_gpu([model])
+
+
+def compute_dtype(model):
+    base = model.model
+    return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+
+
+def forward_block(block, h, emb, context, transformer_options, output_shape=None):
+    """One U-Net block, exactly as ``UNetModel.forward`` runs it."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
+
+    return forward_timestep_embed(block, h, emb, context, transformer_options, output_shape)
+
+
+def time_embedding(unet, timesteps, dtype):
+    """[B, 4 * model_channels] time embedding, as ``UNetModel.forward`` computes it."""
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    return unet.time_embed(timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(dtype))
+
+
+def _has_middle_block_after_patch():
+    import inspect
+
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+
+    try:
+        source = inspect.getsource(openaimodel.UNetModel)
+    except (OSError, TypeError):
+        return False
+    return "middle_block_after_patch" in source
+
+
+HAS_MIDDLE_BLOCK_AFTER_PATCH = _has_middle_block_after_patch()
+
+
+def with_patch(model_options, name, patch, first=False):
+    """A copy of ``model_options`` with ``patch`` added to the transformer patch list ``name``.
+
+    Copies every level it touches, so the caller's options (and the MODEL they came from) are
+    never modified; ``first`` puts the patch ahead of the ones already there.
+    """
+    options = dict(model_options)
+    to = options["transformer_options"] = dict(options.get("transformer_options", {}))
+    patches = to["patches"] = dict(to.get("patches", {}))
+    existing = list(patches.get(name, []))
+    patches[name] = [patch] + existing if first else existing + [patch]
+    return options
+
+
+def sample_ddim(model, latent_samples, positive, steps, start_step, callback=None):
+    """Stock ``KSamplerAdvanced`` (add_noise disable, ddim, ddim_uniform, cfg 1, from
+    ``start_step`` to the end, no leftover noise), through the same ComfyUI call it makes.
+
+    Args:
+        latent_samples: [B, 4, h, w] raw-unit sampler latent.
+    Returns:
+        [B, 4, h, w] raw-unit denoised latent.
+    """
+    import comfy.sample
+
+    noise = torch.zeros(latent_samples.size(), dtype=latent_samples.dtype, layout=latent_samples.layout, device="cpu")
+    return comfy.sample.sample(model, noise, steps, 1.0, "ddim", "ddim_uniform", positive, positive, latent_samples,
+                               denoise=1.0, disable_noise=True, start_step=start_step, last_step=10000,
+                               force_full_denoise=True, noise_mask=None, callback=callback, disable_pbar=True, seed=0)
+
+
+def soft_empty_cache():
+    comfy.model_management.soft_empty_cache()

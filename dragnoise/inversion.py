@@ -29,6 +29,8 @@ class Inversion:
         timestep: the edit timestep t (681 for 50 steps at strength 0.7).
         steps: the ``steps`` the schedule was made for.
         positive: the CONDITIONING used (guidance 1.0, no negative).
+        sampler_latent: [B, 4, h, w] the same z_t as raw-unit LATENT samples that stock samplers
+            continue from ``edit_step`` (z_t / (scale_factor * sqrt(alpha_bar_t))).
     """
     noisy_latent: torch.Tensor
     source_latent: torch.Tensor
@@ -38,14 +40,11 @@ class Inversion:
     timestep: int
     steps: int
     positive: list
+    sampler_latent: torch.Tensor
 
     @property
     def edit_sigma(self):
         return float(self.sigmas[self.edit_step])
-
-    def sampler_latent(self, latent_format):
-        """[B, 4, h, w] raw-unit LATENT samples that stock samplers continue from the edit step."""
-        return latent_format.process_out(self.noisy_latent * (1.0 + self.edit_sigma ** 2) ** 0.5)
 
 
 def edit_step_for(steps, strength):
@@ -137,5 +136,6 @@ def ddim_invert(model, latent_samples, positive, steps=50, strength=0.7, label="
         timestep=int(round(float(ms.timestep(sigmas[edit_step])))),
         steps=steps,
         positive=positive,
+        sampler_latent=handoff,
     )
     return handoff, inversion

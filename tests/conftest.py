@@ -95,7 +95,7 @@ def run_node(comfy, node_type, **inputs):
     return out["result"] if isinstance(out, dict) else out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def node(comfy):
     return lambda node_type, **inputs: run_node(comfy, node_type, **inputs)
 
@@ -106,6 +106,18 @@ def tiny(comfy):
     from comfy_test_nodes import models
 
     return models
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny):
+    """The tiny model, built under inference mode as ComfyUI's loaders build models."""
+    with torch.inference_mode():
+        return tiny.build_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def cond(tiny):
+    return tiny.random_conditioning(seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -1,43 +1,17 @@
 """DDIM Invert: schedule, reference convention, exact hand-off to stock samplers, round trip."""
 
-import copy
-
 import pytest
 import torch
 
 import reference_ddim
+from helpers import assert_unchanged, smooth_latent, snapshot, stock_continue
 
 STEPS_AND_STRENGTHS = [(50, 0.7), (50, 1.0), (20, 0.5), (25, 0.8), (30, 0.7), (10, 0.3), (100, 0.55)]
-
-
-def smooth_latent(seed, size=8, batch=1):
-    """A latent with image-like spatial structure (low frequencies), [batch, 4, size, size]."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.randn([batch, 4, max(2, size // 4), max(2, size // 4)], generator=gen)
-    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) * 4
 
 
 def invert(node, model, latent, cond, steps=50, strength=0.7):
     return node("DragNoiseDDIMInvert", model=model, latent={"samples": latent}, positive=cond,
                 steps=steps, inversion_strength=strength)
-
-
-def stock_continue(node, model, latent, cond, steps, start):
-    (out,) = node("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps, cfg=1.0,
-                  sampler_name="ddim", scheduler="ddim_uniform", positive=cond, negative=cond,
-                  latent_image=latent, start_at_step=start, end_at_step=10000,
-                  return_with_leftover_noise="disable")
-    return out["samples"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny):
-    return tiny.build_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def cond(tiny):
-    return tiny.random_conditioning(seed=0)
 
 
 @pytest.mark.parametrize("steps,strength", STEPS_AND_STRENGTHS)
@@ -123,17 +97,6 @@ def test_round_trip_full_size_random_checkpoint(node, sd15, comfy):
     print(f"\nround trip at 128 px: inversion error {err:.4f}, re-noising error {err_renoised:.4f}")
     assert err < 0.1
     assert err < 0.2 * err_renoised
-
-
-def snapshot(model):
-    return (copy.deepcopy(model.model_options), dict(model.patches), dict(model.object_patches),
-            {k: v.clone() for k, v in model.model.state_dict().items()})
-
-
-def assert_unchanged(model, before):
-    options, patches, object_patches, weights = snapshot(model)
-    assert options == before[0] and patches == before[1] and object_patches == before[2]
-    assert all(torch.equal(weights[k], before[3][k]) for k in weights)
 
 
 def test_input_model_not_mutated(node, tiny_model, cond):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from conftest import COMFY_DIR, PACK_NAME, REPO, STUBS
 
-EXISTING_NODES = ["DragNoiseDDIMInvert"]
+EXISTING_NODES = ["DragNoiseDDIMInvert", "DragNoisePointEditor", "DragNoiseBottleneckOptimize",
+                  "DragNoisePropagatedSampler", "DragNoiseApplyPropagation"]
 
 
 def test_loaded_by_comfyui_custom_node_loader(comfy):
@@ -55,3 +56,11 @@ def test_object_info_lists_nodes_with_inputs(server):
     assert required["inversion_strength"][1]["default"] == 0.7
     assert invert["output"] == ["LATENT", "DRAGNOISE_INVERSION"]
     assert invert["output_name"] == ["latent", "inversion"]
+    assert set(EXISTING_NODES) <= set(info)
+    optimize = info["DragNoiseBottleneckOptimize"]["input"]
+    assert list(optimize["required"]) == ["model", "inversion", "points", "max_steps", "learning_rate", "mask_lambda",
+                                          "mask_when_empty", "motion_radius", "tracking_radius"]
+    assert list(optimize["optional"]) == ["mask", "supervision_block"]
+    assert info["DragNoisePointEditor"]["input"]["required"]["points"][0] == "STRING"
+    assert info["DragNoisePropagatedSampler"]["output"] == ["LATENT"]
+    assert info["DragNoiseApplyPropagation"]["output"] == ["MODEL"]

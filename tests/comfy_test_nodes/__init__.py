@@ -31,7 +31,21 @@ class TinySD15Conditioning:
         return (models.random_conditioning(seed=seed),)
 
 
+class TinySD15VAE:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "DragNoise tests"
+
+    def load(self, seed):
+        return (models.build_vae(seed=seed),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "DragNoiseTestTinyVAE": TinySD15VAE,
     "DragNoiseTestTinyModel": TinySD15Model,
     "DragNoiseTestTinyConditioning": TinySD15Conditioning,
 }

@@ -104,3 +104,18 @@ def write_random_sd15_checkpoint(path, seed=0):
         sd["cond_stage_model.transformer." + k] = v.half() if v.is_floating_point() else v
     del clip
     comfy.utils.save_torch_file(sd, str(path))
+
+
+def build_vae(seed=0):
+    """A ComfyUI VAE with SD1.5's VAE layout (8x downscale, 4 latent channels), 32 channels wide,
+    seeded random weights."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    with torch.inference_mode(False), torch.no_grad():
+        ae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+        init_weights(ae, seed)
+        sd = ae.state_dict()
+    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})

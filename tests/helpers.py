@@ -1,0 +1,33 @@
+"""Shared test helpers (no fixtures; see conftest.py for those)."""
+
+import copy
+
+import torch
+
+
+def smooth_latent(seed, size=8, batch=1):
+    """A latent with image-like spatial structure (low frequencies), [batch, 4, size, size]."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn([batch, 4, max(2, size // 4), max(2, size // 4)], generator=gen)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) * 4
+
+
+def stock_continue(node, model, latent, cond, steps, start):
+    """Stock KSamplerAdvanced continuing ``latent`` from ``start`` (add_noise disable, ddim, cfg 1)."""
+    (out,) = node("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps, cfg=1.0,
+                  sampler_name="ddim", scheduler="ddim_uniform", positive=cond, negative=cond,
+                  latent_image=latent, start_at_step=start, end_at_step=10000,
+                  return_with_leftover_noise="disable")
+    return out["samples"]
+
+
+def snapshot(model):
+    """Everything about a MODEL that a node could mutate: options, patches, weights."""
+    return (copy.deepcopy(model.model_options), dict(model.patches), dict(model.object_patches),
+            {k: v.clone() for k, v in model.model.state_dict().items()})
+
+
+def assert_unchanged(model, before):
+    options, patches, object_patches, weights = snapshot(model)
+    assert options == before[0] and patches == before[1] and object_patches == before[2]
+    assert all(torch.equal(weights[k], before[3][k]) for k in weights)
