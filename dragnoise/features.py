@@ -6,7 +6,7 @@ optimization step then runs only ``Decoder``: the decoder blocks from the bottle
 the supervision block, or through the output head when the mask loss needs the noise.
 """
 
-import copy
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -85,24 +85,81 @@ def run_encoder(model, unet, z, timestep, sigma, context):
     return EncoderState(capture.bottleneck, capture.skips, emb, context, eps, to)
 
 
-class Decoder(torch.nn.Module):
-    """A private copy of the decoder blocks 0..``last_block`` (and the output head when
-    ``with_output``), which autograd can differentiate through with respect to the bottleneck.
+@contextlib.contextmanager
+def autograd_weights(module):
+    """Lets autograd differentiate through ``module`` although ComfyUI created its weights in
+    inference mode (autograd cannot save inference tensors for backward).
 
-    A copy, because ComfyUI creates model weights in inference mode and autograd cannot save
-    inference tensors; its weights never require gradients.
+    Each inference-tensor parameter is swapped for a normal clone, one at a time, so no second
+    copy of the weights ever exists; on exit the clones are swapped back for inference tensors
+    with the same values. The weights never require gradients.
     """
+    swapped = []
+    try:
+        with torch.inference_mode(False):
+            for owner in module.modules():
+                for name, p in list(owner._parameters.items()):
+                    if p is not None and p.is_inference():
+                        owner._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                        swapped.append((owner, name, p.requires_grad))
+                        del p
+        yield module
+    finally:
+        with torch.inference_mode(True):
+            for owner, name, requires_grad in swapped:
+                p = owner._parameters[name]
+                owner._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=requires_grad)
+                del p
+
+
+# How much copying backward needs on this ComfyUI. Older ComfyUI transformer blocks add into x in
+# place (x += ...) after their LayerNorms saved x for backward, which autograd refuses:
+#   "none": current ComfyUI, nothing to do;
+#   "norm inputs": the LayerNorms of transformer blocks get a copy of x (cheap);
+#   "all saved tensors": every tensor saved for backward is copied (always works, costs most).
+BACKWARD_MODES = ("none", "norm inputs", "all saved tensors")
+
+
+@contextlib.contextmanager
+def backward_safe(module, mode):
+    """Runs the forward passes inside it so that their backward works under ``mode``."""
+    if mode == "none":
+        yield
+        return
+    if mode == "all saved tensors":
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            yield
+        return
+    handles = []
+    for block in module.modules():
+        if type(block).__name__ == "BasicTransformerBlock":
+            for name in ("norm1", "norm2", "norm3"):
+                norm = getattr(block, name, None)
+                if norm is not None:
+                    handles.append(norm.register_forward_pre_hook(lambda _, args: (args[0].clone(),) + args[1:]))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Decoder:
+    """The decoder blocks 0..``feature_block`` of a U-Net (through the output head when
+    ``with_output``), run from a given bottleneck; differentiable with respect to it inside
+    ``autograd_weights``."""
 
     def __init__(self, unet, feature_block, with_output):
-        super().__init__()
         last = N_DECODER_BLOCKS - 1 if with_output else feature_block
-        with torch.inference_mode(False):
-            self.blocks = copy.deepcopy(unet.output_blocks[:last + 1])
-            self.out = copy.deepcopy(unet.out) if with_output else None
-        self.requires_grad_(False)
+        self.blocks = list(unet.output_blocks)[:last + 1]
+        self.out = unet.out if with_output else None
         self.feature_block = feature_block
 
-    def forward(self, bottleneck, enc):
+    def modules(self):
+        """The modules this decoder runs (for ``autograd_weights``)."""
+        return torch.nn.ModuleList(self.blocks + ([self.out] if self.out is not None else []))
+
+    def __call__(self, bottleneck, enc):
         """Decoder from the bottleneck.
 
         Args:

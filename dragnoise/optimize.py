@@ -11,10 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from . import comfy_compat
-from .features import DEFAULT_SUPERVISION, SUPERVISION_BLOCKS, Decoder, run_encoder
+from .features import (BACKWARD_MODES, DEFAULT_SUPERVISION, SUPERVISION_BLOCKS, Decoder, autograd_weights,
+                       backward_safe, run_encoder)
 from .model_check import sd15_unet
 
 FEATURE_SCALE = 2  # image pixels per supervision-feature pixel
+# The least copying that makes backward work on this ComfyUI (found on the first backward, kept
+# for the process); see ``features.BACKWARD_MODES``.
+_BACKWARD_MODE = {"mode": 0}
 MASK_WHEN_EMPTY = ("regularize whole image", "skip mask loss")
 
 
@@ -184,8 +188,8 @@ def optimize_bottleneck(model, inversion, points, mask=None, settings=None):
         context = inversion.positive[0][0].to(device, dtype)
         enc = run_encoder(model, unet, z, inversion.timestep, sigma, context).detached_copy()
         decoder = Decoder(unet, feature_block, with_output=use_mask_loss)
-        result = _optimize(decoder, enc, points, mask_latent, settings, z.float(), alpha_bar, alpha_bar_prev, dtype)
-        del decoder
+        with autograd_weights(decoder.modules()):
+            result = _optimize(decoder, enc, points, mask_latent, settings, z.float(), alpha_bar, alpha_bar_prev, dtype)
     comfy_compat.soft_empty_cache()
     result.sigmas, result.edit_step, result.timestep, result.steps = (
         inversion.sigmas, inversion.edit_step, inversion.timestep, inversion.steps)
@@ -216,7 +220,6 @@ def _optimize(decoder, enc, points, mask_latent, settings, z, alpha_bar, alpha_b
     edit = DragEdit(bottleneck=None, original_bottleneck=enc.bottleneck.float().cpu(), sigmas=None, edit_step=0,
                     timestep=0, steps=0, handles=[], targets=[(x, y) for x, y in points.targets])
     pbar = comfy_compat.progress_bar(max(settings.max_steps, 1))
-    saved_tensor_copies = False
 
     def loss_at(step):
         nonlocal handles
@@ -249,23 +252,23 @@ def _optimize(decoder, enc, points, mask_latent, settings, z, alpha_bar, alpha_b
             (scaler.scale(loss) if scaler else loss).backward()
         return terms, remaining
 
+    modules = decoder.modules()
     for step in range(settings.max_steps + 1):
         comfy_compat.throw_if_interrupted()
         trajectory_len = len(edit.trajectory)
-        try:
-            with _saved_tensor_copies(saved_tensor_copies):
-                terms, remaining = forward_backward(step)
-        except RuntimeError as e:
-            # Older ComfyUI transformer blocks add in place (x += ...), which autograd refuses;
-            # keeping copies of the saved tensors makes backward work there.
-            if saved_tensor_copies or "inplace operation" not in str(e):
-                raise
-            logging.info("DragNoise: this ComfyUI modifies activations in place; keeping copies for backward.")
-            saved_tensor_copies = True
-            del edit.trajectory[trajectory_len:]
-            optimizer.zero_grad(set_to_none=True)
-            with _saved_tensor_copies(True):
-                terms, remaining = forward_backward(step)
+        while True:
+            try:
+                with backward_safe(modules, BACKWARD_MODES[_BACKWARD_MODE["mode"]]):
+                    terms, remaining = forward_backward(step)
+                break
+            except RuntimeError as e:
+                if _BACKWARD_MODE["mode"] == len(BACKWARD_MODES) - 1 or "inplace operation" not in str(e):
+                    raise
+                _BACKWARD_MODE["mode"] += 1
+                logging.info(f"DragNoise: this ComfyUI modifies activations in place; backward copies "
+                             f"{BACKWARD_MODES[_BACKWARD_MODE['mode']]}.")
+                del edit.trajectory[trajectory_len:]
+                optimizer.zero_grad(set_to_none=True)
         if terms is None:
             break
         if scaler:
@@ -288,11 +291,3 @@ def _optimize(decoder, enc, points, mask_latent, settings, z, alpha_bar, alpha_b
 
 def _to_image_xy(handles):
     return [(float(c) * FEATURE_SCALE, float(r) * FEATURE_SCALE) for r, c in handles.tolist()]
-
-
-def _saved_tensor_copies(enabled):
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)

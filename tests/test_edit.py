@@ -89,7 +89,8 @@ def test_decoder_reproduces_the_full_unet(comfy, tiny_model, inverted):
         enc = features.run_encoder(tiny_model, unet, inversion.noisy_latent, inversion.timestep,
                                    inversion.edit_sigma, inversion.positive[0][0]).detached_copy()
         decoder = features.Decoder(unet, 8, with_output=True)
-        feature, eps = decoder(enc.bottleneck, enc)
+        with torch.no_grad():
+            feature, eps = decoder(enc.bottleneck, enc)
     assert torch.allclose(eps, enc.eps, atol=1e-5)
     assert feature.shape == (1, 64, 8, 8)  # up_blocks[2] of the tiny model: 2 x 32 channels at latent size
 
@@ -98,19 +99,24 @@ def test_only_the_bottleneck_gets_gradients(comfy, tiny_model, inverted):
     features = pack("features")
     inversion = inverted[1]
     unet = tiny_model.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert all(p.is_inference() for p in unet.parameters())  # as ComfyUI's loaders leave them
     with torch.inference_mode(False):
         enc = features.run_encoder(tiny_model, unet, inversion.noisy_latent, inversion.timestep,
                                    inversion.edit_sigma, inversion.positive[0][0]).detached_copy()
         decoder = features.Decoder(unet, 8, with_output=True)
         s = enc.bottleneck.clone().requires_grad_(True)
-        feature, eps = decoder(s, enc)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        with features.autograd_weights(decoder.modules()) as modules, \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
             feature, eps = decoder(s, enc)
             (feature.abs().mean() + eps.abs().mean()).backward()
+            assert all(not p.requires_grad and p.grad is None for p in modules.parameters())
     assert s.grad is not None and s.grad.abs().sum() > 0
-    assert all(not p.requires_grad and p.grad is None for p in decoder.parameters())
     assert all(p.grad is None for p in unet.parameters())
     assert all(t.grad is None for t in [enc.emb, enc.context, *enc.skips])
+    # The weights are back as they were: same values, inference tensors again.
+    assert all(p.is_inference() for p in unet.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
 
 
 def test_encoder_runs_once_per_edit(node, tiny_model, inverted, image):
