@@ -25,6 +25,9 @@ def start():
 
     if not nodes.load_custom_node(str(REPO)):
         raise RuntimeError("the pack did not load")
+    from comfy_test_nodes import torchvision_stub
+
+    torchvision_stub.retire()
     return sys.modules[f"{REPO.name}.dragnoise"]
 
 

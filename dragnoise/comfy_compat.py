@@ -131,3 +131,17 @@ def sample_ddim(model, latent_samples, positive, steps, start_step, callback=Non
 
 def soft_empty_cache():
     comfy.model_management.soft_empty_cache()
+
+
+def load_lora(model, lora_state_dict, strength=1.0):
+    """A clone of ``model`` with a LoRA state dict applied as weight patches, through the same
+    call ComfyUI's stock LoraLoader makes."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, None, lora_state_dict, strength, 0.0)[0]
+
+
+def loras_folder():
+    import folder_paths
+
+    return folder_paths.get_folder_paths("loras")[0]

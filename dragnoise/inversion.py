@@ -60,7 +60,7 @@ def check_inversion_settings(steps, strength):
     if round(strength * steps) < 1:
         raise ValueError(
             f"inversion_strength: {strength} of {steps} steps rounds to no inversion step at all; "
-            f"use at least {0.5 / steps:.3f} or more steps.")
+            f"raise it above {0.5 / steps:.3f} or use more steps.")
 
 
 def ddim_inversion_sampler(label="destination"):

@@ -76,9 +76,11 @@ def comfy(comfy_root):
     folder_paths.set_output_directory(str(comfy_root / "output"))
     folder_paths.set_input_directory(str(comfy_root / "input"))
     folder_paths.set_temp_directory(str(comfy_root / "temp"))
-    for kind in ("custom_nodes", "checkpoints", "loras"):
-        sub = "custom_nodes" if kind == "custom_nodes" else f"models/{kind}"
-        folder_paths.add_model_folder_path(kind, str(comfy_root / sub))
+    folder_paths.add_model_folder_path("custom_nodes", str(comfy_root / "custom_nodes"))
+    # Only the test folders, so nothing is written into the ComfyUI install.
+    for kind in ("checkpoints", "loras"):
+        folder_paths.folder_names_and_paths[kind] = ([str(comfy_root / "models" / kind)],
+                                                      folder_paths.folder_names_and_paths[kind][1])
     import nodes
 
     nodes.init_custom_nodes()
@@ -117,7 +119,9 @@ def tiny_model(tiny):
 
 @pytest.fixture(scope="session")
 def cond(tiny):
-    return tiny.random_conditioning(seed=0)
+    """The tiny model's prompt embedding, made under inference mode as CLIP Text Encode makes it."""
+    with torch.inference_mode():
+        return tiny.random_conditioning(seed=0)
 
 
 @pytest.fixture(scope="session")

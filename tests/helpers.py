@@ -22,7 +22,14 @@ def stock_continue(node, model, latent, cond, steps, start):
 
 
 def snapshot(model):
-    """Everything about a MODEL that a node could mutate: options, patches, weights."""
+    """Everything about a MODEL that a node could mutate: options, patches, weights.
+
+    Clones share one torch module whose weights hold whichever clone's patches were loaded last,
+    so the model is loaded first: the weights read are then this MODEL's own.
+    """
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
     return (copy.deepcopy(model.model_options), dict(model.patches), dict(model.object_patches),
             {k: v.clone() for k, v in model.model.state_dict().items()})
 

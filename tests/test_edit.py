@@ -320,3 +320,20 @@ def test_half_precision_unet_keeps_fp32_bottleneck(node, tiny, inverted, image, 
     edit, _ = optimize(node, model, inverted[1], points(node, image, [((16, 20), (44, 36))]), max_steps=3)
     assert edit.bottleneck.dtype == torch.float32 and edit.steps_used == 3
     assert torch.isfinite(torch.tensor(edit.losses)).all()
+
+
+def test_newer_comfyui_hook_substitutes_like_the_output_block_patch(comfy, moved_edit):
+    """The ``middle_block_after_patch`` route (newer ComfyUI) gates and substitutes exactly as the
+    output-block route this ComfyUI uses."""
+    propagation = pack("propagation")
+    steps = propagation.substitution_steps(50, 15, 10)
+    patch = propagation.BottleneckSubstitution(moved_edit.bottleneck, moved_edit.sigmas, steps)
+    h = torch.randn(2, *moved_edit.bottleneck.shape[1:])
+    for i, sigma in enumerate(moved_edit.sigmas[:-1].tolist()):
+        to = {"sigmas": torch.tensor([sigma, sigma]), "block": ("output", 0)}
+        via_hook = patch.middle_block_after_patch({"h": h, "transformer_options": to, "x": None})["h"]
+        via_output, _ = patch.output_block_patch(h, None, to)
+        assert torch.equal(via_hook, via_output)
+        assert torch.equal(via_hook, moved_edit.bottleneck.expand_as(h)) == (i in steps), i
+    with pytest.raises(ValueError, match="^edit: "):
+        patch.substitute(torch.randn(1, 8, 2, 2), {"sigmas": moved_edit.sigmas[20:21]})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import COMFY_DIR, PACK_NAME, REPO, STUBS
 
-EXISTING_NODES = ["DragNoiseDDIMInvert", "DragNoisePointEditor", "DragNoiseBottleneckOptimize",
+EXISTING_NODES = ["DragNoiseLoRAFit", "DragNoiseDDIMInvert", "DragNoisePointEditor", "DragNoiseBottleneckOptimize",
                   "DragNoisePropagatedSampler", "DragNoiseApplyPropagation"]
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import execution_error
+from conftest import COMFY_DIR, execution_error
 
 
 def invert_prompt(strength=0.7, steps=50):
@@ -122,3 +122,28 @@ def test_bad_points_error_reaches_api_user(server):
     error = execution_error(entry)
     assert error["node_type"] == "DragNoisePointEditor"
     assert error["exception_message"].startswith("points: pair 1 target (90, 36) lies outside the 64x64 image")
+
+
+def test_lora_fit_drag_edit_over_http_and_cached_rerun(server):
+    import uuid
+
+    name = upload_png(server, torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(3)), "dragnoise_lora.png")
+    prompt = drag_prompt(name, '[{"handle": [16, 20], "target": [44, 36]}]', max_steps=2)
+    save_name = f"http-test-{uuid.uuid4().hex[:8]}"
+    prompt["13"] = {"class_type": "DragNoiseLoRAFit", "inputs": {
+        "model": ["1", 0], "latent": ["5", 0], "positive": ["2", 0], "steps": 3, "learning_rate": 2e-4, "rank": 4,
+        "batch_size": 1, "seed": 0, "save_name": save_name}}
+    for node_id in ("6", "8", "9"):
+        prompt[node_id]["inputs"]["model"] = ["13", 0]
+    try:
+        outputs = server.run(prompt)
+        assert view(server, outputs["11"]["images"][0]).size == (64, 64)
+        loras = server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+        assert f"dragnoise/{save_name}.safetensors" in loras
+        # The same prompt again: ComfyUI's cache answers, nothing is trained or sampled again.
+        entry = server.wait(server.queue(prompt))
+        cached = [data for kind, data in entry["status"]["messages"] if kind == "execution_cached"]
+        assert "13" in cached[0]["nodes"] and "9" in cached[0]["nodes"]
+    finally:
+        # The server saves into the first loras folder, the ComfyUI install's own.
+        (COMFY_DIR / "models" / "loras" / "dragnoise" / f"{save_name}.safetensors").unlink(missing_ok=True)

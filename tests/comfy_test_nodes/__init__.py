@@ -2,7 +2,10 @@
 real server, where no SD1.5 checkpoint can be downloaded. Loaded by ComfyUI's own loader from
 the test server's custom_nodes; never shipped with the pack."""
 
-from . import models
+from . import models, torchvision_stub
+
+# ComfyUI loads custom nodes after its built-in ones, so the stub has done its job by now.
+torchvision_stub.retire()
 
 
 class TinySD15Model:

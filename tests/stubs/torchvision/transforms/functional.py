@@ -1,4 +1,9 @@
-"""Names ComfyUI's upscale-model loader imports; using them in a test is an error."""
+"""Test-only stand-in for the one torchvision module ComfyUI imports at start-up.
+
+No torchvision build exists for the CPU torch this project tests with. Real ComfyUI installs have
+the real package; this stub is put on the path by the tests alone, only while ComfyUI starts (see
+tests/comfy_test_nodes/torchvision_stub.py), and never ships with the pack.
+"""
 import enum
 
 
