@@ -7,6 +7,7 @@ the supervision block, or through the output head when the mask loss needs the n
 """
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,26 @@ def autograd_weights(module):
 #   "norm inputs": the LayerNorms of transformer blocks get a copy of x (cheap);
 #   "all saved tensors": every tensor saved for backward is copied (always works, costs most).
 BACKWARD_MODES = ("none", "norm inputs", "all saved tensors")
+# The least copying that works on this ComfyUI, found on the first backward and kept.
+_backward_mode = {"index": 0}
+
+
+def backward_with_fallback(module, step):
+    """Runs ``step()`` (a forward and its backward through ``module``) with the least copying
+    that works on this ComfyUI; ``step`` must start by zeroing the gradients it accumulates.
+
+    A failed attempt is retried from a fresh frame, so its graph is freed first.
+    """
+    while True:
+        try:
+            with backward_safe(module, BACKWARD_MODES[_backward_mode["index"]]):
+                return step()
+        except RuntimeError as e:
+            if _backward_mode["index"] == len(BACKWARD_MODES) - 1 or "inplace operation" not in str(e):
+                raise
+        _backward_mode["index"] += 1
+        logging.info(f"DragNoise: this ComfyUI modifies activations in place; backward copies the "
+                     f"{BACKWARD_MODES[_backward_mode['index']]}.")
 
 
 @contextlib.contextmanager

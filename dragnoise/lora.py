@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import comfy_compat
-from .features import BACKWARD_MODES, backward_safe
+from .features import backward_with_fallback
 from .model_check import check_latent, sd15_unet
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -122,7 +122,17 @@ def fit_lora(model, latent_samples, positive, settings=None):
         z0 = model.model.latent_format.process_in(latent_samples.float()).to(device)
         context = positive[0][0].to(device, dtype).clone()  # CLIP Text Encode's output is an inference tensor
         pbar = comfy_compat.progress_bar(settings.steps)
-        mode = 0
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+        def forward_backward(zt, t, noise):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                eps = trainee(zt.to(dtype), timesteps=t.float().to(device),
+                              context=context.expand(settings.batch_size, -1, -1))
+            loss = F.mse_loss(eps.float(), noise)
+            loss.backward()
+            return loss.detach()
+
         for step in range(settings.steps):
             comfy_compat.throw_if_interrupted()
             x0 = _random_crops(z0, crop, settings.batch_size, gen)
@@ -130,20 +140,7 @@ def fit_lora(model, latent_samples, positive, settings=None):
             noise = torch.randn(x0.shape, generator=gen).to(device)
             ab = alphas_cumprod[t.to(device)].view(-1, 1, 1, 1)
             zt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-            while True:
-                try:
-                    with backward_safe(trainee, BACKWARD_MODES[mode]), torch.autocast(device.type, dtype=dtype,
-                                                                                     enabled=dtype != torch.float32):
-                        eps = trainee(zt.to(dtype), timesteps=t.float().to(device),
-                                      context=context.expand(settings.batch_size, -1, -1))
-                        loss = F.mse_loss(eps.float(), noise)
-                        loss.backward()
-                    break
-                except RuntimeError as e:
-                    if mode == len(BACKWARD_MODES) - 1 or "inplace operation" not in str(e):
-                        raise
-                    mode += 1
-                    optimizer.zero_grad(set_to_none=True)
+            loss = backward_with_fallback(trainee, lambda: forward_backward(zt, t, noise))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())

@@ -11,14 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from . import comfy_compat
-from .features import (BACKWARD_MODES, DEFAULT_SUPERVISION, SUPERVISION_BLOCKS, Decoder, autograd_weights,
-                       backward_safe, run_encoder)
+from .features import (DEFAULT_SUPERVISION, SUPERVISION_BLOCKS, Decoder, autograd_weights, backward_with_fallback,
+                       run_encoder)
 from .model_check import sd15_unet
 
 FEATURE_SCALE = 2  # image pixels per supervision-feature pixel
-# The least copying that makes backward work on this ComfyUI (found on the first backward, kept
-# for the process); see ``features.BACKWARD_MODES``.
-_BACKWARD_MODE = {"mode": 0}
 MASK_WHEN_EMPTY = ("regularize whole image", "skip mask loss")
 
 
@@ -221,15 +218,14 @@ def _optimize(decoder, enc, points, mask_latent, settings, z, alpha_bar, alpha_b
                     timestep=0, steps=0, handles=[], targets=[(x, y) for x, y in points.targets])
     pbar = comfy_compat.progress_bar(max(settings.max_steps, 1))
 
-    def loss_at(step):
-        nonlocal handles
+    def loss_at(step, handles):
+        """(loss terms or None when done, handle-target distances [N], handles after tracking)."""
         feature, eps = features(s)
         if step > 0:
             handles = track_handles(feature.detach(), handle_features, handles, rp)
-        edit.trajectory.append(_to_image_xy(handles))
         remaining = (targets - handles).float().norm(dim=1)
         if bool((remaining < settings.stop_distance).all()) or step == settings.max_steps:
-            return None, remaining
+            return None, remaining, handles
         motion = feature.new_zeros(())
         for i in range(handles.shape[0]):
             if remaining[i] < settings.stop_distance:
@@ -243,32 +239,22 @@ def _optimize(decoder, enc, points, mask_latent, settings, z, alpha_bar, alpha_b
         if eps is not None:
             z_prev = ddim_step(z, eps.float(), alpha_bar, alpha_bar_prev)
             mask_term = settings.mask_lambda * ((z_prev - z_prev0) * keep).abs().sum()
-        return (motion, mask_term), remaining
+        return (motion, mask_term), remaining, handles
 
     def forward_backward(step):
-        terms, remaining = loss_at(step)
-        if terms is not None:
-            loss = terms[0] + terms[1]
-            (scaler.scale(loss) if scaler else loss).backward()
-        return terms, remaining
+        optimizer.zero_grad(set_to_none=True)
+        terms, remaining, tracked = loss_at(step, handles)
+        if terms is None:
+            return None, remaining, tracked
+        loss = terms[0] + terms[1]
+        (scaler.scale(loss) if scaler else loss).backward()
+        return (terms[0].detach(), terms[1].detach()), remaining, tracked
 
     modules = decoder.modules()
     for step in range(settings.max_steps + 1):
         comfy_compat.throw_if_interrupted()
-        trajectory_len = len(edit.trajectory)
-        while True:
-            try:
-                with backward_safe(modules, BACKWARD_MODES[_BACKWARD_MODE["mode"]]):
-                    terms, remaining = forward_backward(step)
-                break
-            except RuntimeError as e:
-                if _BACKWARD_MODE["mode"] == len(BACKWARD_MODES) - 1 or "inplace operation" not in str(e):
-                    raise
-                _BACKWARD_MODE["mode"] += 1
-                logging.info(f"DragNoise: this ComfyUI modifies activations in place; backward copies "
-                             f"{BACKWARD_MODES[_BACKWARD_MODE['mode']]}.")
-                del edit.trajectory[trajectory_len:]
-                optimizer.zero_grad(set_to_none=True)
+        terms, remaining, handles = backward_with_fallback(modules, lambda: forward_backward(step))
+        edit.trajectory.append(_to_image_xy(handles))
         if terms is None:
             break
         if scaler:
