@@ -84,8 +84,6 @@ def fit_lora(model, latent_samples, positive, settings=None):
     Returns:
         (LoRA state dict in kohya format {key: tensor}, list of per-step losses)
     """
-    from peft import LoraConfig, inject_adapter_in_model
-
     settings = settings or LoRASettings()
     settings.check()
     unet = sd15_unet(model)
@@ -98,6 +96,14 @@ def fit_lora(model, latent_samples, positive, settings=None):
         raise ValueError(f"latent: the image is {w * 8}x{h * 8} px; LoRA Fit needs at least {MIN_CROP * 8}x{MIN_CROP * 8}.")
     if not positive:
         raise ValueError("positive: empty CONDITIONING; connect a CLIP Text Encode with the prompt.")
+
+    state, losses = _train(model, unet, latent_samples, positive, settings, crop)
+    comfy_compat.soft_empty_cache()  # the training copy is gone once _train returns
+    return state, losses
+
+
+def _train(model, unet, latent_samples, positive, settings, crop):
+    from peft import LoraConfig, inject_adapter_in_model
 
     comfy_compat.load_model(model)
     device, dtype = model.load_device, comfy_compat.compute_dtype(model)
@@ -147,10 +153,7 @@ def fit_lora(model, latent_samples, positive, settings=None):
             pbar.update(1)
             if step % 10 == 0 or step == settings.steps - 1:
                 logging.info(f"DragNoise LoRA step {step + 1}/{settings.steps}: loss {losses[-1]:.4f}")
-        state = _kohya_state_dict(trainee, model, settings.rank)
-        del trainee, optimizer, params
-    comfy_compat.soft_empty_cache()
-    return state, losses
+        return _kohya_state_dict(trainee, model, settings.rank), losses
 
 
 def _kohya_state_dict(trainee, model, rank):

@@ -1,5 +1,6 @@
 """Shared test helpers (no fixtures; see conftest.py for those)."""
 
+import contextlib
 import copy
 
 import torch
@@ -38,3 +39,37 @@ def assert_unchanged(model, before):
     options, patches, object_patches, weights = snapshot(model)
     assert options == before[0] and patches == before[1] and object_patches == before[2]
     assert all(torch.equal(weights[k], before[3][k]) for k in weights)
+
+
+@contextlib.contextmanager
+def progress_hook(on_update):
+    """Calls ``on_update(value, total)`` on every ComfyUI progress-bar update inside the block."""
+    import comfy.utils
+
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *args: on_update(value, total))
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+
+
+def progress_until_interrupted(at, run):
+    """Runs ``run()`` with ComfyUI's interrupt raised (as the Cancel button does) once the
+    progress bar reaches ``at``; checks it stopped with ComfyUI's interrupt exception and returns
+    the progress values seen."""
+    import comfy.model_management
+    import pytest
+
+    seen = []
+
+    def update(value, total):
+        seen.append(value)
+        if value == at:
+            comfy.model_management.interrupt_current_processing(True)
+
+    try:
+        with progress_hook(update), pytest.raises(comfy.model_management.InterruptProcessingException):
+            run()
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    return seen

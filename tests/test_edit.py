@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import PACK_NAME
-from helpers import assert_unchanged, smooth_latent, snapshot, stock_continue
+from helpers import assert_unchanged, progress_until_interrupted, smooth_latent, snapshot, stock_continue
 
 SIZE = 64  # image pixels; 8x8 latent, 32x32 supervision grid
 
@@ -280,23 +280,8 @@ def test_non_sd15_model_is_refused(node, tiny, inverted, image):
 
 
 def test_interrupt_stops_the_optimization(node, tiny_model, inverted, image):
-    import comfy.model_management
-    import comfy.utils
-
-    seen = []
-
-    def hook(value, total, preview, *a):
-        seen.append(value)
-        if value == 2:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            optimize(node, tiny_model, inverted[1], points(node, image, [((16, 20), (44, 36))]), max_steps=10)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    pts = points(node, image, [((16, 20), (44, 36))])
+    seen = progress_until_interrupted(2, lambda: optimize(node, tiny_model, inverted[1], pts, max_steps=10))
     assert seen == [1, 2]
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import reference_ddim
-from helpers import assert_unchanged, smooth_latent, snapshot, stock_continue
+from helpers import (assert_unchanged, progress_hook, progress_until_interrupted, smooth_latent, snapshot,
+                     stock_continue)
 
 STEPS_AND_STRENGTHS = [(50, 0.7), (50, 1.0), (20, 0.5), (25, 0.8), (30, 0.7), (10, 0.3), (100, 0.55)]
 
@@ -106,36 +107,15 @@ def test_input_model_not_mutated(node, tiny_model, cond):
 
 
 def test_progress_bar_counts_every_step(node, tiny_model, cond):
-    import comfy.utils
-
     seen = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, *a: seen.append((value, total)))
-    try:
+    with progress_hook(lambda value, total: seen.append((value, total))):
         invert(node, tiny_model, smooth_latent(7), cond, 20, 0.5)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
     assert seen == [(i, 10) for i in range(1, 11)]
 
 
 def test_interrupt_stops_between_steps(node, tiny_model, cond):
-    import comfy.model_management
-    import comfy.utils
-
-    steps_done = []
-
-    def interrupt_after_three(value, total, preview, *a):
-        steps_done.append(value)
-        if value == 3:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(interrupt_after_three)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            invert(node, tiny_model, smooth_latent(8), cond)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
-    assert steps_done == [1, 2, 3]
+    seen = progress_until_interrupted(3, lambda: invert(node, tiny_model, smooth_latent(8), cond))
+    assert seen == [1, 2, 3]
 
 
 def test_batch_inverts_each_latent_like_alone(node, tiny_model, cond):

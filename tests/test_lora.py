@@ -1,12 +1,10 @@
 """LoRA Fit: training with peft, ComfyUI-native patches, a file stock LoraLoader reads, reuse."""
 
-import sys
-
 import pytest
 import torch
 
-from conftest import PACK_NAME
-from helpers import assert_unchanged, smooth_latent, snapshot, stock_continue
+from helpers import (assert_unchanged, progress_hook, progress_until_interrupted, smooth_latent, snapshot,
+                     stock_continue)
 
 
 def fit(node, model, latent, cond, **overrides):
@@ -72,14 +70,9 @@ def test_saved_file_through_stock_lora_loader_matches(node, comfy_root, tiny_mod
 
 
 def count_training_steps(fn):
-    import comfy.utils
-
     seen = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, *a: seen.append(value))
-    try:
+    with progress_hook(lambda value, total: seen.append(value)):
         fn()
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
     return len(seen)
 
 
@@ -140,17 +133,5 @@ def test_image_too_small_and_wrong_model(node, tiny, tiny_model, cond):
 
 
 def test_interrupt_stops_training(node, tiny_model, cond, image_latent):
-    import comfy.model_management
-    import comfy.utils
-
-    def hook(value, total, *a):
-        if value == 2:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            fit(node, tiny_model, image_latent, cond, steps=10)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    seen = progress_until_interrupted(2, lambda: fit(node, tiny_model, image_latent, cond, steps=10))
+    assert seen == [1, 2]
