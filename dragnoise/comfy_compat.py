@@ -21,9 +21,7 @@ def scheduler_sigmas(model, scheduler_name, steps):
         1-D float tensor, descending, ending with 0.
     """
     if hasattr(comfy.samplers, "calculate_sigmas"):
-        model_sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") \
-            else model.model.model_sampling
-        return comfy.samplers.calculate_sigmas(model_sampling, scheduler_name, steps).cpu()
+        return comfy.samplers.calculate_sigmas(model_sampling(model), scheduler_name, steps).cpu()
     return comfy.samplers.calculate_sigmas_scheduler(model.model, scheduler_name, steps).cpu()
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import comfy_compat
 from .features import backward_with_fallback
-from .model_check import check_latent, sd15_unet
+from .model_check import check_latent, check_settings, sd15_unet
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 MIN_CROP = 8  # latent pixels (64 image pixels)
@@ -43,9 +43,7 @@ class LoRASettings:
             ("rank", isinstance(self.rank, int) and 1 <= self.rank <= 256, "from 1 to 256"),
             ("batch_size", isinstance(self.batch_size, int) and 1 <= self.batch_size <= 64, "from 1 to 64"),
         ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name}: must be {rule}, got {getattr(self, name)!r}.")
+        check_settings(self, checks)
 
 
 def latent_hash(latent_samples):

@@ -38,3 +38,10 @@ def check_latent(latent_samples, input_name="latent"):
         raise ValueError(
             f"{input_name}: expected an SD1.5 latent of shape [batch, 4, height/8, width/8], got "
             f"{list(latent_samples.shape)}. Encode the image with the SD1.5 checkpoint's VAE.")
+
+
+def check_settings(settings, rules):
+    """Raises for the first broken rule, naming the input: ``rules`` is [(name, ok, "rule text")]."""
+    for name, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{name}: must be {rule}, got {getattr(settings, name)!r}.")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from . import comfy_compat
 from .features import (DEFAULT_SUPERVISION, SUPERVISION_BLOCKS, Decoder, autograd_weights, backward_with_fallback,
                        run_encoder)
-from .model_check import sd15_unet
+from .model_check import check_settings, sd15_unet
 
 FEATURE_SCALE = 2  # image pixels per supervision-feature pixel
 MASK_WHEN_EMPTY = ("regularize whole image", "skip mask loss")
@@ -41,9 +41,7 @@ class DragSettings:
             ("tracking_radius", isinstance(self.tracking_radius, int) and 1 <= self.tracking_radius <= 32, "from 1 to 32"),
             ("supervision_block", self.supervision_block in SUPERVISION_BLOCKS, f"one of {list(SUPERVISION_BLOCKS)}"),
         ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name}: must be {rule}, got {getattr(self, name)!r}.")
+        check_settings(self, checks)
 
 
 @dataclass

@@ -30,10 +30,13 @@ class BottleneckSubstitution:
     def __init__(self, bottleneck, sigmas, steps):
         """bottleneck: [1, C, h/8, w/8]; sigmas: the schedule; steps: indices to substitute at."""
         self.bottleneck = bottleneck
-        active = [float(sigmas[i]) for i in steps]
-        # Half-way to the neighbouring sigmas, so float noise in the sampler cannot miss a step.
-        self.sigma_high = _midpoint(sigmas, steps.start - 1, steps.start, above=True) if active else 0.0
-        self.sigma_low = _midpoint(sigmas, steps.stop - 1, steps.stop, above=False) if active else float("inf")
+        # Bounds half-way to the neighbouring sigmas, so float noise in the sampler cannot miss a
+        # step; no steps: an empty window.
+        if len(steps):
+            self.sigma_high = float("inf") if steps.start == 0 else _midpoint(sigmas[steps.start - 1], sigmas[steps.start])
+            self.sigma_low = _midpoint(sigmas[steps.stop - 1], sigmas[steps.stop])
+        else:
+            self.sigma_high, self.sigma_low = 0.0, float("inf")
 
     def active(self, transformer_options):
         sigmas = transformer_options.get("sigmas")
@@ -60,11 +63,9 @@ class BottleneckSubstitution:
         return dict(args, h=self.substitute(args["h"], args["transformer_options"]))
 
 
-def _midpoint(sigmas, i, j, above):
-    """Geometric midpoint between sigmas[j] and its neighbour sigmas[i] (inf / 0 at the ends)."""
-    if i < 0 or i >= len(sigmas):
-        return float("inf") if above else 0.0
-    a, b = float(sigmas[i]), float(sigmas[j])
+def _midpoint(a, b):
+    """Geometric midpoint of two sigmas (arithmetic when one is 0, the end of the schedule)."""
+    a, b = float(a), float(b)
     return (a * b) ** 0.5 if a > 0 and b > 0 else (a + b) / 2
 
 
