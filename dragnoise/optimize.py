@@ -49,14 +49,17 @@ class DragEdit:
     """Result of Bottleneck Optimize (the ``DRAGNOISE_EDIT`` type).
 
     Attributes:
-        bottleneck: optimized s_t, [1, C, h/8, w/8] float32 on the CPU.
+        bottleneck: optimized s_t, [1, C, h/8, w/8] float32 on the CPU (None for a latent edit).
         original_bottleneck: s_t before optimization, same shape.
+        latent: the optimized noisy latent z_t [1, 4, h, w] in model units, float32 on the CPU,
+            for the DragDiffusion-style baseline (None for a DragNoise edit).
         sigmas, edit_step, timestep, steps: the schedule and edit step of the inversion.
         handles: final handle positions, (x, y) image pixels.
         targets: target positions, (x, y) image pixels.
         trajectory: handle positions at every step, [steps_used + 1][N] of (x, y).
         losses, motion_losses, mask_losses: per optimization step.
         steps_used: optimizer steps taken (0 when the handles started on their targets).
+        final_distances: each handle's distance to its target at the end, image pixels.
         image_size: (width, height) of the image the edit was made for.
     """
     bottleneck: torch.Tensor
@@ -72,7 +75,9 @@ class DragEdit:
     motion_losses: list = field(default_factory=list)
     mask_losses: list = field(default_factory=list)
     steps_used: int = 0
+    final_distances: list = field(default_factory=list)
     image_size: tuple = (0, 0)
+    latent: torch.Tensor = None
 
 
 def sample_patch(feature, center, radius):
@@ -158,8 +163,23 @@ def optimize_bottleneck(model, inversion, points, mask=None, settings=None):
         points: ``DragPoints`` on the inverted image.
         mask: optional MASK [H, W] or [1, H, W], 1 where the image may change.
     Returns:
-        ``DragEdit``.
+        ``DragEdit`` with ``bottleneck`` set.
     """
+    return _run(model, inversion, points, mask, settings, variable="bottleneck")
+
+
+def optimize_latent(model, inversion, points, mask=None, settings=None):
+    """The DragDiffusion-style baseline: the same supervision, tracking, losses and step budget,
+    but the variable is the noisy latent z_t itself, so every step runs the whole U-Net forward
+    and backward (DragDiffusion's way; without its reference-attention control).
+
+    Returns:
+        ``DragEdit`` with ``latent`` (the optimized z_t) set and no bottleneck.
+    """
+    return _run(model, inversion, points, mask, settings, variable="latent")
+
+
+def _run(model, inversion, points, mask, settings, variable):
     settings = settings or DragSettings()
     settings.check()
     unet = sd15_unet(model)
@@ -170,6 +190,8 @@ def optimize_bottleneck(model, inversion, points, mask=None, settings=None):
         mask_latent is not None or settings.mask_when_empty == MASK_WHEN_EMPTY[0])
     if use_mask_loss and mask_latent is None:
         mask_latent = torch.zeros((1, 1) + latent_hw)
+    if not use_mask_loss:
+        mask_latent = None
 
     comfy_compat.load_model(model)
     device, dtype = model.load_device, comfy_compat.compute_dtype(model)
@@ -177,48 +199,96 @@ def optimize_bottleneck(model, inversion, points, mask=None, settings=None):
     sigma = inversion.edit_sigma
     sigma_prev = float(inversion.sigmas[inversion.edit_step + 1])
     alpha_bar, alpha_bar_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_prev ** 2)
+    grid_hw = (points.height // FEATURE_SCALE, points.width // FEATURE_SCALE)
+
+    def resized(feature):
+        return F.interpolate(feature.float(), size=grid_hw, mode="bilinear", align_corners=False)
 
     with torch.inference_mode(False):
         z = inversion.noisy_latent.to(device, dtype)
         context = inversion.positive[0][0].to(device, dtype)
         enc = run_encoder(model, unet, z, inversion.timestep, sigma, context).detached_copy()
-        decoder = Decoder(unet, feature_block, with_output=use_mask_loss)
-        with autograd_weights(decoder.modules()):
-            result = _optimize(decoder, enc, points, mask_latent, settings, z.float(), alpha_bar, alpha_bar_prev, dtype)
+        if variable == "bottleneck":
+            decoder = Decoder(unet, feature_block, with_output=use_mask_loss)
+
+            def forward(s):
+                feature, eps = decoder(s.to(dtype), enc)
+                z_prev = None if eps is None else ddim_step(z.float(), eps.float(), alpha_bar, alpha_bar_prev)
+                return resized(feature), z_prev
+
+            modules, start = decoder.modules(), enc.bottleneck.float()
+        else:
+            def forward(zt):
+                feature, eps = unet_features(unet, zt.to(dtype), inversion.timestep, enc, feature_block)
+                return resized(feature), ddim_step(zt, eps.float(), alpha_bar, alpha_bar_prev)
+
+            modules, start = unet, z.float()
+        with autograd_weights(modules):
+            result, optimized = _optimize(start, forward, modules, points, mask_latent, settings, dtype)
     comfy_compat.soft_empty_cache()
+    result.original_bottleneck = enc.bottleneck.float().cpu()
+    if variable == "bottleneck":
+        result.bottleneck = optimized
+    else:
+        result.latent = optimized
     result.sigmas, result.edit_step, result.timestep, result.steps = (
         inversion.sigmas, inversion.edit_step, inversion.timestep, inversion.steps)
     result.image_size = (points.width, points.height)
     return result
 
 
-def _optimize(decoder, enc, points, mask_latent, settings, z, alpha_bar, alpha_bar_prev, dtype):
-    device = z.device
-    grid_hw = (points.height // FEATURE_SCALE, points.width // FEATURE_SCALE)
+def unet_features(unet, z, timestep, enc, feature_block):
+    """One whole, differentiable U-Net pass at ``z`` (the DragDiffusion way).
+
+    Args:
+        z: [1, 4, h, w] in the U-Net's dtype.
+        timestep: t.
+        enc: the ``EncoderState`` of the original z_t (prompt and transformer options).
+    Returns:
+        (output of decoder block ``feature_block`` [1, C_f, h_f, w_f], eps [1, 4, h, w]).
+    """
+    captured = {}
+    hook = unet.output_blocks[feature_block].register_forward_hook(
+        lambda module, args, output: captured.__setitem__("feature", output))
+    try:
+        timesteps = torch.full([z.shape[0]], float(timestep), device=z.device)
+        eps = unet(z, timesteps=timesteps, context=enc.context, transformer_options=dict(enc.transformer_options))
+    finally:
+        hook.remove()
+    return captured["feature"], eps
+
+
+def _optimize(start, forward, modules, points, mask_latent, settings, dtype):
+    """The shared loop: motion supervision, point tracking and the mask term on one variable.
+
+    Args:
+        start: the variable's initial value (float32; optimized in float32).
+        forward: variable -> (supervision feature [1, C, H/2, W/2] float32, z_{t-1} [1, 4, h, w]
+            float32 or None when the mask term is off).
+        modules: what ``forward`` runs, for ``backward_with_fallback``.
+    Returns:
+        (``DragEdit`` with the tracking record, the optimized variable float32 on the CPU).
+    """
+    device = start.device
     handles, targets = points.feature_coords(FEATURE_SCALE)
     handles, targets = handles.to(device), targets.to(device)
     rm, rp = settings.motion_radius, settings.tracking_radius
 
-    def features(s):
-        feat, eps = decoder(s.to(dtype), enc)
-        return F.interpolate(feat.float(), size=grid_hw, mode="bilinear", align_corners=False), eps
-
     with torch.no_grad():
-        feature0, eps0 = features(enc.bottleneck)
+        feature0, z_prev0 = forward(start)
         handle_features = feature0[0, :, handles[:, 0], handles[:, 1]].T  # [N, C]
-        z_prev0 = ddim_step(z, eps0.float(), alpha_bar, alpha_bar_prev) if eps0 is not None else None
         keep = None if mask_latent is None else (1 - mask_latent.to(device))
 
-    s = enc.bottleneck.float().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([s], lr=settings.learning_rate)
+    v = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=settings.learning_rate)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    edit = DragEdit(bottleneck=None, original_bottleneck=enc.bottleneck.float().cpu(), sigmas=None, edit_step=0,
+    edit = DragEdit(bottleneck=None, original_bottleneck=None, sigmas=None, edit_step=0,
                     timestep=0, steps=0, handles=[], targets=[(x, y) for x, y in points.targets])
     pbar = comfy_compat.progress_bar(max(settings.max_steps, 1))
 
     def loss_at(step, handles):
         """(loss terms or None when done, handle-target distances [N], handles after tracking)."""
-        feature, eps = features(s)
+        feature, z_prev = forward(v)
         if step > 0:
             handles = track_handles(feature.detach(), handle_features, handles, rp)
         remaining = (targets - handles).float().norm(dim=1)
@@ -234,8 +304,7 @@ def _optimize(decoder, enc, points, mask_latent, settings, z, alpha_bar, alpha_b
             fixed = sample_patch(feature, p, rm).detach()
             motion = motion + (2 * rm + 1) ** 2 * F.l1_loss(moved, fixed)
         mask_term = feature.new_zeros(())
-        if eps is not None:
-            z_prev = ddim_step(z, eps.float(), alpha_bar, alpha_bar_prev)
+        if keep is not None:
             mask_term = settings.mask_lambda * ((z_prev - z_prev0) * keep).abs().sum()
         return (motion, mask_term), remaining, handles
 
@@ -248,7 +317,6 @@ def _optimize(decoder, enc, points, mask_latent, settings, z, alpha_bar, alpha_b
         (scaler.scale(loss) if scaler else loss).backward()
         return (terms[0].detach(), terms[1].detach()), remaining, tracked
 
-    modules = decoder.modules()
     for step in range(settings.max_steps + 1):
         comfy_compat.throw_if_interrupted()
         terms, remaining, handles = backward_with_fallback(modules, lambda: forward_backward(step))
@@ -268,9 +336,9 @@ def _optimize(decoder, enc, points, mask_latent, settings, z, alpha_bar, alpha_b
         logging.info(f"DragNoise step {step + 1}/{settings.max_steps}: loss {edit.losses[-1]:.4f}, "
                      f"mean handle-target distance {float(remaining.mean()) * FEATURE_SCALE:.1f} px")
     edit.steps_used = len(edit.losses)
-    edit.bottleneck = s.detach().float().cpu()
     edit.handles = edit.trajectory[-1]
-    return edit
+    edit.final_distances = [float(d) * FEATURE_SCALE for d in remaining.tolist()]
+    return edit, v.detach().float().cpu()
 
 
 def _to_image_xy(handles):

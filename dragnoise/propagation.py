@@ -77,6 +77,9 @@ def apply_propagation(model, edit, halt_step):
     patches, which see the mid-block output at output block 0 before anything else does.
     """
     steps = substitution_steps(len(edit.sigmas) - 1, edit.edit_step, halt_step)
+    if edit.bottleneck is None:
+        raise ValueError("edit: this edit optimized the noisy latent (the DragDiffusion-style baseline), so it has "
+                         "no bottleneck to substitute; denoise it with the DragNoise Propagated Sampler.")
     patch = BottleneckSubstitution(edit.bottleneck, edit.sigmas, steps)
     patched = model.clone()
     if comfy_compat.HAS_MIDDLE_BLOCK_AFTER_PATCH:
@@ -89,12 +92,20 @@ def apply_propagation(model, edit, halt_step):
 
 
 def propagated_sample(model, inversion, edit, halt_step):
-    """DDIM (eta 0, cfg 1) from the edit step with substitution until the halt step.
+    """DDIM (eta 0, cfg 1) from the edit step with substitution until the halt step; for an edit
+    of the noisy latent (the DragDiffusion-style baseline), plain DDIM from that latent.
 
     Returns:
         [1, 4, h, w] raw-unit LATENT samples, for the stock VAE Decode.
     """
-    patched = apply_propagation(model, edit, halt_step)
+    start = inversion.sampler_latent
+    if edit.latent is None:
+        patched = apply_propagation(model, edit, halt_step)
+    else:
+        substitution_steps(len(edit.sigmas) - 1, edit.edit_step, halt_step)  # same rule for the input
+        patched = model
+        # Model units -> the sampler's raw units at the edit sigma (see inversion.Inversion).
+        start = model.model.latent_format.process_out(edit.latent) * (1.0 + inversion.edit_sigma ** 2) ** 0.5
     total = len(inversion.sigmas) - 1 - inversion.edit_step
     pbar = comfy_compat.progress_bar(total)
 
@@ -102,5 +113,5 @@ def propagated_sample(model, inversion, edit, halt_step):
         comfy_compat.throw_if_interrupted()
         pbar.update_absolute(step + 1, total)
 
-    return comfy_compat.sample_ddim(patched, inversion.sampler_latent, inversion.positive, inversion.steps, inversion.edit_step,
+    return comfy_compat.sample_ddim(patched, start, inversion.positive, inversion.steps, inversion.edit_step,
                                     callback=callback)
