@@ -88,7 +88,10 @@ class BottleneckOptimize:
         edit = optimize_bottleneck(model, inversion, points, mask, settings)
         start = edit.trajectory[0] if edit.trajectory else points.handles
         preview = draw_drag(points.image, start, points.targets, edit.trajectory, size=(points.width, points.height))
-        return (edit, preview)
+        # The tracking record also goes to the UI and to /history, for API users and the frontend.
+        summary = {"steps_used": edit.steps_used, "max_steps": max_steps, "handles": edit.handles,
+                   "targets": edit.targets, "final_distances": edit.final_distances, "trajectory": edit.trajectory}
+        return {"ui": {"drag": [summary]}, "result": (edit, preview)}
 
 
 class ApplyPropagation:
