@@ -1,0 +1,136 @@
+"""The toy model: an SD1.5-architecture U-Net and a small VAE, built from ComfyUI's own classes
+with fewer channels, trained by ``toy/train.py`` on the scenes of ``toy/scenes.py``.
+
+Latent space. Scenes are rendered straight into SD1.5's latent layout (4 channels, 8x smaller
+than the image): each latent pixel holds the mean colour of its 8x8 image block in an opponent
+colour space plus the block's contrast (edges). The VAE is trained to reproduce exactly that
+map (encoder) and to paint the image back from it (decoder), so the U-Net can be trained on
+freshly rendered latents without running an encoder, while the stock VAE Encode / VAE Decode
+nodes still turn images into these latents and back.
+"""
+
+import os
+
+import numpy as np
+import torch
+
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy-sd15.safetensors")
+IMAGE_SIZE = 256
+MODEL_CHANNELS = 32
+CONTEXT_DIM = 64
+CONTEXT_TOKENS = 77
+SCALE_FACTOR = 0.18215  # SD1.5's latent scale: model units = raw VAE units x this
+VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+# Opponent colour axes (luminance, red-green, yellow-blue) and their spread in model units.
+_COLOUR_AXES = np.array([[1 / 3, 1 / 3, 1 / 3], [0.5, -0.5, 0.0], [0.25, 0.25, -0.5]], np.float32)
+_COLOUR_GAIN = np.array([4.5, 7.0, 7.0], np.float32)
+_CONTRAST_GAIN = 10.0
+
+
+def unet_config():
+    """The SD1.5 U-Net configuration ComfyUI detects for real checkpoints, with 32 channels
+    instead of 320 and a 64-wide prompt embedding instead of 768."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4,
+        "model_channels": MODEL_CHANNELS, "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM,
+        "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def scene_latent(images):
+    """The latent a scene image should have, in model units (raw VAE latent x 0.18215).
+
+    Args:
+        images: [B, H, W, 3] float in [0, 1], H and W multiples of 8.
+    Returns:
+        [B, 4, H/8, W/8] float32: 3 opponent-colour channels of each 8x8 block's mean colour and
+        its luminance contrast (standard deviation), each spread to about unit scale.
+    """
+    x = torch.as_tensor(images, dtype=torch.float32).movedim(-1, 1)
+    blocks = torch.nn.functional.avg_pool2d(x, 8)
+    axes = torch.from_numpy(_COLOUR_AXES)
+    colour = torch.einsum("ck,bkhw->bchw", axes, blocks - 0.5) * torch.from_numpy(_COLOUR_GAIN)[:, None, None]
+    luminance = x.mean(1, keepdim=True)
+    contrast = (torch.nn.functional.avg_pool2d(luminance ** 2, 8) - torch.nn.functional.avg_pool2d(luminance, 8) ** 2)
+    contrast = contrast.clamp_min(0).sqrt() * _CONTRAST_GAIN - 0.8
+    return torch.cat([colour, contrast], dim=1)
+
+
+def build_unet(seed=0):
+    """A ComfyUI ``BaseModel`` (eps, SD15 latent format) with the toy U-Net, seeded init."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    base = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet_config()),
+                                      model_type=comfy.model_base.ModelType.EPS)
+    _init(base.diffusion_model, seed)
+    return base
+
+
+def build_autoencoder(seed=0):
+    """ComfyUI's ``AutoencoderKL`` with the toy VAE layout (8x downscale, 4 latent channels)."""
+    import comfy.ldm.models.autoencoder
+
+    ae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=4)
+    _init(ae, seed)
+    return ae
+
+
+@torch.no_grad()
+def _init(module, seed):
+    """Seeded fan-in scaled init (ComfyUI's layers skip initialization); zero for the last
+    layer of each residual branch, so a fresh network starts near the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        if p.ndim >= 2:
+            p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            if name.endswith(("out_layers.3.weight", "proj_out.weight", "conv2.weight")) or name == "out.2.weight":
+                p.zero_()
+        elif name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+def default_conditioning():
+    """The toy's fixed prompt embedding [1, 77, 64] (the model has no text encoder)."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randn([1, CONTEXT_TOKENS, CONTEXT_DIM], generator=gen)
+
+
+def save(path, unet, autoencoder, metadata=None):
+    """Writes both networks (fp16) into one safetensors file."""
+    import safetensors.torch
+
+    sd = {"unet." + k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
+    sd.update({"vae." + k: v.detach().half().contiguous() for k, v in autoencoder.state_dict().items()})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    safetensors.torch.save_file(sd, path, metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load(path=WEIGHTS):
+    """(MODEL, VAE, CONDITIONING) as ComfyUI's loaders and CLIP Text Encode would return them."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.utils
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No toy model at {path}; train it with `python toy/train.py` (see toy/README.md).")
+    sd = comfy.utils.load_torch_file(path)
+    unet_sd = {k[len("unet."):]: v.float() for k, v in sd.items() if k.startswith("unet.")}
+    vae_sd = {k[len("vae."):]: v.float() for k, v in sd.items() if k.startswith("vae.")}
+    base = build_unet()
+    base.diffusion_model.load_state_dict(unet_sd)
+    base.eval()
+    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                             offload_device=comfy.model_management.unet_offload_device())
+    vae = comfy.sd.VAE(sd=vae_sd, config={"params": {"ddconfig": dict(VAE_DDCONFIG), "embed_dim": 4}})
+    cond = [[default_conditioning(), {"pooled_output": torch.zeros([1, CONTEXT_DIM])}]]
+    return model, vae, cond

@@ -1,0 +1,114 @@
+"""Synthetic scenes: a few flat-coloured objects (discs, squares, blobs) on varied backgrounds,
+with every object's position known, so a drag can be scored against the truth.
+
+Pure numpy and Pillow; no ComfyUI. Images are float32 [H, W, 3] in [0, 1].
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+KINDS = ("disc", "square", "blob")
+
+
+@dataclass
+class SceneObject:
+    """One object. ``center`` (x, y) and ``radius`` in pixels; ``colour`` RGB in [0, 1];
+    ``angle`` rotates squares and blobs; ``lobes`` shapes a blob's outline."""
+    kind: str
+    center: tuple
+    radius: float
+    colour: tuple
+    angle: float = 0.0
+    lobes: tuple = ()
+
+    def mask(self, size, center=None):
+        """[size, size] bool: the pixels the object covers (at ``center`` if given)."""
+        cx, cy = self.center if center is None else center
+        y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+        dx, dy = x - cx, y - cy
+        c, s = np.cos(self.angle), np.sin(self.angle)
+        u, v = c * dx + s * dy, -s * dx + c * dy
+        if self.kind == "disc":
+            return dx ** 2 + dy ** 2 <= self.radius ** 2
+        if self.kind == "square":
+            half = self.radius * 0.85  # about the area of a disc of the same radius
+            return (np.abs(u) <= half) & (np.abs(v) <= half)
+        theta = np.arctan2(v, u)
+        edge = self.radius * (1 + sum(a * np.cos(k * theta + p) for k, a, p in self.lobes))
+        return np.hypot(u, v) <= edge
+
+    def moved(self, dx, dy):
+        return SceneObject(self.kind, (self.center[0] + dx, self.center[1] + dy), self.radius, self.colour,
+                           self.angle, self.lobes)
+
+
+@dataclass
+class Scene:
+    """A background and objects, drawn back to front."""
+    size: int
+    background: tuple  # (colour_a, colour_b, angle): a linear gradient from a to b along angle
+    objects: list = field(default_factory=list)
+
+    def render(self):
+        """[size, size, 3] float32 image in [0, 1]."""
+        a, b, angle = self.background
+        y, x = np.mgrid[0:self.size, 0:self.size].astype(np.float32) / max(1, self.size - 1)
+        ramp = np.clip((np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5)) + 0.5, 0, 1)[..., None]
+        image = (1 - ramp) * np.asarray(a, np.float32) + ramp * np.asarray(b, np.float32)
+        for obj in self.objects:
+            image[obj.mask(self.size)] = obj.colour
+        return image.astype(np.float32)
+
+    def with_object_moved(self, index, dx, dy):
+        """The ideal result of dragging object ``index`` by (dx, dy): drawn last, on top."""
+        others = [o for i, o in enumerate(self.objects) if i != index]
+        return Scene(self.size, self.background, others + [self.objects[index].moved(dx, dy)])
+
+
+def _colour(rng, avoid=(), min_distance=0.45):
+    """A saturated colour at least ``min_distance`` (RGB Euclidean) from every colour in ``avoid``."""
+    for _ in range(200):
+        hue, sat, val = rng.uniform(0, 1), rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
+        colour = tuple(float(c) for c in _hsv_to_rgb(hue, sat, val))
+        if all(np.linalg.norm(np.subtract(colour, other)) >= min_distance for other in avoid):
+            return colour
+    return colour
+
+
+def _hsv_to_rgb(h, s, v):
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+
+
+def random_scene(rng, size=256, n_objects=None, kinds=KINDS):
+    """A random scene: a muted gradient background and 1-3 non-overlapping objects whose colours
+    stand out from the background and from each other.
+
+    Args:
+        rng: ``numpy.random.Generator``.
+    """
+    grey = rng.uniform(0.15, 0.85)
+    tint = rng.normal(0, 0.08, size=3)
+    a = np.clip(grey + tint, 0, 1)
+    b = np.clip(a + rng.normal(0, 0.12, size=3), 0, 1)
+    background = (tuple(map(float, a)), tuple(map(float, b)), float(rng.uniform(0, 2 * np.pi)))
+    n_objects = n_objects or int(rng.integers(1, 4))
+    objects = []
+    for _ in range(200):
+        if len(objects) == n_objects:
+            break
+        radius = float(rng.uniform(0.07, 0.14) * size)
+        margin = radius + 0.04 * size
+        center = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
+        if any(np.hypot(center[0] - o.center[0], center[1] - o.center[1]) < radius + o.radius + 0.05 * size
+               for o in objects):
+            continue
+        kind = str(rng.choice(list(kinds)))
+        lobes = tuple((k, float(rng.uniform(0.05, 0.18)), float(rng.uniform(0, 2 * np.pi))) for k in (2, 3))
+        colour = _colour(rng, avoid=[a, b] + [o.colour for o in objects])
+        objects.append(SceneObject(kind, center, radius, colour, float(rng.uniform(0, np.pi / 2)),
+                                   lobes if kind == "blob" else ()))
+    return Scene(size, background, objects)
