@@ -9,9 +9,10 @@ COMFY_DIR = Path(os.environ.get("DRAGNOISE_COMFYUI", REPO / ".venv" / "ComfyUI")
 CACHE = Path(os.environ.get("DRAGNOISE_TEST_CACHE", Path.home() / ".cache" / "dragnoise-tests"))
 
 
-def start():
+def start(pytorch_attention=False):
     """Imports ComfyUI (CPU unless CUDA is there), loads the pack through ComfyUI's custom-node
-    loader and returns the pack's ``dragnoise`` package."""
+    loader and returns the pack's ``dragnoise`` package. ``pytorch_attention`` is ComfyUI's
+    ``--use-pytorch-cross-attention`` (faster than its CPU default for small models)."""
     import torch
 
     sys.path[:0] = [str(COMFY_DIR), str(REPO / "tests"), str(REPO / "tests" / "stubs")]
@@ -21,6 +22,7 @@ def start():
     from comfy.cli_args import args
 
     args.cpu = not torch.cuda.is_available()
+    args.use_pytorch_cross_attention = pytorch_attention
     import nodes
 
     if not nodes.load_custom_node(str(REPO)):
