@@ -1,0 +1,143 @@
+"""The demo: a real drag on the toy model, run by the pack's nodes on a ComfyUI server.
+
+    bash scripts/demo.sh                      # sets everything up, then runs this
+    .venv/bin/python toy/demo.py --out out/demo [--url http://127.0.0.1:8188]
+
+Generates a scene (toy/scenes.py), uploads it, and queues Toy Model -> Load Image -> VAE Encode
+-> DDIM Invert -> Point Editor -> Bottleneck Optimize -> Propagated Sampler -> VAE Decode ->
+Save Image over ComfyUI's HTTP API (a server of its own on a free loopback port, or ``--url``).
+Writes to the output folder: source.png, edited.png, drag.png (the edited image with the handle,
+target and tracked path drawn), preview.png (Bottleneck Optimize's own preview) and
+report.json / report.txt (steps used, final handle-target distance, where the object went).
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dragnoise.preview import draw_drag  # noqa: E402  (pure PIL/numpy: no ComfyUI needed here)
+from scripts.comfy_local import TOY_NODES, ComfyClient, ComfyServer, user_dir  # noqa: E402
+from toy import measure  # noqa: E402
+from toy.scenes import random_scene  # noqa: E402
+
+DEMO_SEED = 7
+DEMO_DRAG = (56.0, -24.0)  # pixels, applied to object 0
+
+
+def demo_case(seed=DEMO_SEED, drag=DEMO_DRAG):
+    """(scene, object index, handle (x, y), target (x, y)): the handle on the object's centre."""
+    scene = random_scene(np.random.default_rng(seed), n_objects=2)
+    handle = scene.objects[0].center
+    return scene, 0, handle, (handle[0] + drag[0], handle[1] + drag[1])
+
+
+def drag_prompt(image_name, handle, target, max_steps=80, halt_step=10):
+    """The API-format prompt of the demo graph (node ids are stable: tests read them)."""
+    points = json.dumps([{"handle": [round(v, 1) for v in handle], "target": [round(v, 1) for v in target]}])
+    return {
+        "model": {"class_type": "DragNoiseToyModel", "inputs": {}},
+        "image": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["model", 1]}},
+        "invert": {"class_type": "DragNoiseDDIMInvert", "inputs": {
+            "model": ["model", 0], "latent": ["encode", 0], "positive": ["model", 2], "steps": 50,
+            "inversion_strength": 0.7}},
+        "points": {"class_type": "DragNoisePointEditor", "inputs": {"image": ["image", 0], "points": points}},
+        "optimize": {"class_type": "DragNoiseBottleneckOptimize", "inputs": {
+            "model": ["model", 0], "inversion": ["invert", 1], "points": ["points", 0], "max_steps": max_steps,
+            "learning_rate": 0.01, "mask_lambda": 0.1, "mask_when_empty": "regularize whole image",
+            "motion_radius": 1, "tracking_radius": 3}},
+        "propagate": {"class_type": "DragNoisePropagatedSampler", "inputs": {
+            "model": ["model", 0], "inversion": ["invert", 1], "edit": ["optimize", 0], "halt_step": halt_step}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["propagate", 0], "vae": ["model", 1]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "dragnoise_demo"}},
+        "save_preview": {"class_type": "SaveImage", "inputs": {
+            "images": ["optimize", 1], "filename_prefix": "dragnoise_demo_preview"}},
+    }
+
+
+def run(client, out, max_steps=80, halt_step=10):
+    """Runs the demo against a ComfyUI server (``ComfyClient``) and writes its files to ``out``.
+
+    Returns:
+        the report (dict).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scene, index, handle, target = demo_case()
+    source = scene.render()
+    source_image = Image.fromarray((source * 255).round().astype(np.uint8))
+    source_image.save(out / "source.png")
+    name = client.upload_image(source_image, "dragnoise_demo_source.png")
+    start = time.time()
+    outputs = client.run(drag_prompt(name, handle, target, max_steps, halt_step))
+    seconds = time.time() - start
+    edited_image = client.view(outputs["save"]["images"][0]).convert("RGB")
+    edited_image.save(out / "edited.png")
+    client.view(outputs["save_preview"]["images"][0]).save(out / "preview.png")
+    drag = outputs["optimize"]["drag"][0]
+    edited = np.asarray(edited_image, np.float32) / 255
+    import torch
+
+    drawn = draw_drag(torch.from_numpy(edited), [handle], [target], drag["trajectory"])
+    Image.fromarray((drawn[0].numpy() * 255).round().astype(np.uint8)).save(out / "drag.png")
+    drag_vector = (target[0] - handle[0], target[1] - handle[1])
+    score = measure.score_drag(scene, index, drag_vector, edited)
+    report = {
+        "handle": handle, "target": target, "steps_used": drag["steps_used"], "max_steps": max_steps,
+        "final_handle": drag["handles"][0], "final_distance_px": drag["final_distances"][0],
+        "object_start": score["start"], "object_end": score["end"], "object_expected": score["expected"],
+        "moved_fraction": score["moved_fraction"], "object_error_px": score["error_px"],
+        "change_outside_mae": score["outside_mae"], "halt_step": halt_step, "graph_seconds": round(seconds, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.txt").write_text(report_text(report))
+    return report
+
+
+def report_text(r):
+    return (
+        f"DragNoise demo on the toy model\n"
+        f"  drag: handle {_xy(r['handle'])} -> target {_xy(r['target'])}\n"
+        f"  Bottleneck Optimize: {r['steps_used']} of at most {r['max_steps']} steps; the tracked handle ended at "
+        f"{_xy(r['final_handle'])}, {r['final_distance_px']:.1f} px from the target\n"
+        f"  the object (measured in the output): {_xy(r['object_start'])} -> {_xy(r['object_end'])}, expected "
+        f"{_xy(r['object_expected'])}: moved {100 * r['moved_fraction']:.0f}% of the drag, "
+        f"{r['object_error_px']:.1f} px from where it should be\n"
+        f"  mean change away from the object: {r['change_outside_mae']:.1f} / 255\n"
+        f"  the graph ran in {r['graph_seconds']:.0f} s\n")
+
+
+def _xy(p):
+    return "none" if p is None else f"({p[0]:.0f}, {p[1]:.0f})"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "out" / "demo"), help="output folder")
+    parser.add_argument("--url", help="a running ComfyUI with this pack and toy/ in its custom_nodes")
+    parser.add_argument("--max-steps", type=int, default=80)
+    parser.add_argument("--halt-step", type=int, default=10)
+    args = parser.parse_args(argv)
+    start = time.time()
+    if args.url:
+        report = run(ComfyClient(args.url), args.out, args.max_steps, args.halt_step)
+    else:
+        with tempfile.TemporaryDirectory(prefix="dragnoise-demo-") as tmp:
+            root = user_dir(tmp, TOY_NODES)
+            print("starting ComfyUI ...", flush=True)
+            with ComfyServer(root, extra_args=["--use-pytorch-cross-attention"]) as server:
+                report = run(server, args.out, args.max_steps, args.halt_step)
+    print(report_text(report) + f"  total {time.time() - start:.0f} s; files in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
