@@ -248,7 +248,9 @@ def unet_features(unet, z, timestep, enc, feature_block):
         (output of decoder block ``feature_block`` [1, C_f, h_f, w_f], eps [1, 4, h, w]).
     """
     captured = {}
-    hook = unet.output_blocks[feature_block].register_forward_hook(
+    # ComfyUI runs a block's layers one by one (forward_timestep_embed), so the hook goes on the
+    # block's last layer, whose output is the block's.
+    hook = unet.output_blocks[feature_block][-1].register_forward_hook(
         lambda module, args, output: captured.__setitem__("feature", output))
     try:
         timesteps = torch.full([z.shape[0]], float(timestep), device=z.device)
