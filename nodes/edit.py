@@ -22,13 +22,13 @@ class PointEditor:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "The image being edited; points and mask are in its pixels."}),
-                "points": ("STRING", {"default": "[]", "multiline": True, "tooltip":
+                "points": ("STRING", {"default": "[]", "multiline": True, "dynamicPrompts": False, "tooltip":
                            'Handle/target pairs in image pixels as JSON: [{"handle": [x, y], "target": [x, y]}, '
                            "...] (DragBench's flat list [[hx, hy], [tx, ty], ...] works too). The canvas "
                            "writes it: click a handle (red), then its target (blue)."}),
             },
             "optional": {
-                "mask": ("STRING", {"default": "", "multiline": True, "tooltip":
+                "mask": ("STRING", {"default": "", "multiline": True, "dynamicPrompts": False, "tooltip":
                          "The painted region that may change, as written by the canvas's mask mode: JSON with "
                          '"paint" and "erase" layers in uncompressed COCO run-length encoding at the image\'s '
                          'size (see the README), or "" for none.'}),
