@@ -49,7 +49,7 @@ function pageNodesOf(type) {
 // Test setup only: the shipped loaders need SD1.5 files the test machine cannot have, so the
 // checkpoint loader and the text encoders are replaced by the test-only tiny-model nodes, keeping
 // every other node, widget and link of the workflow as shipped.
-function pageSwapToTestNodes(settings) {
+function pageSwapToTestNodes() {
   const { app, LiteGraph } = window;
   const graph = app.graph;
   const nodes = () => [...(graph._nodes ?? graph.nodes)];
@@ -75,8 +75,14 @@ function pageSwapToTestNodes(settings) {
     relink(te, 0, make("DragNoiseTestTinyConditioning", te.pos));
     graph.remove(te);
   }
-  for (const [type, values] of Object.entries(settings)) {
-    for (const n of nodes().filter((node) => node.type === type)) {
+  return true;
+}
+
+// {node type: {widget name: value}}: what a person would type into those widgets.
+function pageSetWidgets(byType) {
+  const graph = window.app.graph;
+  for (const [type, values] of Object.entries(byType)) {
+    for (const n of (graph._nodes ?? graph.nodes).filter((node) => node.type === type)) {
       for (const [name, value] of Object.entries(values)) n.widgets.find((w) => w.name === name).value = value;
     }
   }
@@ -150,6 +156,7 @@ async function toPrompt(browser) {
   const prompts = {};
   for (const [name, workflow] of Object.entries(request.workflows)) {
     await page.evaluate(pageLoadWorkflow, workflow);
+    await page.evaluate(pageSetWidgets, request.widgets?.[name] ?? {});
     prompts[name] = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
   }
   return { prompts, pageErrors, consoleErrors };
@@ -160,7 +167,8 @@ async function edit(browser) {
   const { page, pageErrors, consoleErrors } = await openComfy(browser, request.url);
   await page.evaluate(pageLoadWorkflow, request.workflow);
   const [editorId] = await page.evaluate(pageNodesOf, "DragNoisePointEditor");
-  await page.evaluate(pageSwapToTestNodes, request.settings);
+  await page.evaluate(pageSwapToTestNodes);
+  await page.evaluate(pageSetWidgets, request.settings);
   await page.evaluate(pageShowNode, editorId);
   const { width: W, height: H } = request.image;
 
