@@ -93,3 +93,88 @@ def test_point_editor_in_chromium(server, browser, comfy):
     assert entry["status"]["status_str"] == "success", error and (error["node_type"], error["exception_message"])
     (save_id,) = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
     assert view(server, entry["outputs"][save_id]["images"][0]).size == (W, H)
+
+
+def test_point_editor_editing_resizing_and_saving(server, browser, comfy):
+    """Right-click and Delete remove pairs, the canvas follows the node's size with coordinates still
+    in image pixels, erase removes paint, everything survives saving and reopening the workflow, and
+    choosing another file in Load Image brings its image (points and mask rescaled to it)."""
+    mask_mod = sys.modules[PACK_NAME + ".dragnoise.mask"]
+    workflow = json.loads(WORKFLOW.read_text())
+    upload_png(server, torch.from_numpy(synthetic_photo(W, H).astype(np.float32) / 255), load_image_name(workflow))
+    other = synthetic_photo(96, 128)[:, :, ::-1].copy()  # another picture, another size
+    upload_png(server, torch.from_numpy(other.astype(np.float32) / 255), "dragnoise_other.png")
+    p = [((20, 20), (40, 30)), ((100, 40), (150, 60)), ((60, 100), (80, 110))]
+    clicks = [{"do": "click", "at": xy} for pair in p for xy in pair]
+    result = browser({"command": "steps", "url": server.url, "out": str(ARTIFACTS), "steps": [
+        {"do": "load", "workflow": workflow}, {"do": "wait_image", "size": [W, H]},
+        *clicks, {"do": "values", "as": "three"},
+        {"do": "click", "at": p[1][0], "button": "right"}, {"do": "values", "as": "right_click"},
+        {"do": "click", "at": p[2][1]}, {"do": "key", "key": "Delete"}, {"do": "values", "as": "delete"},
+        {"do": "canvas_box", "as": "small"}, {"do": "resize", "by": [180, 120]}, {"do": "canvas_box", "as": "big"},
+        {"do": "click", "at": (170, 10)}, {"do": "click", "at": (191, 127)}, {"do": "values", "as": "corners"},
+        {"do": "press", "action": "mode"}, {"do": "brush", "size": 10},
+        {"do": "drag", "from": (20, 64), "to": (120, 64)},
+        {"do": "press", "action": "eraser"}, {"do": "drag", "from": (70, 50), "to": (70, 80)},
+        {"do": "values", "as": "painted"},
+        {"do": "reload"}, {"do": "wait_image", "size": [W, H]}, {"do": "values", "as": "reopened"},
+        {"do": "colors", "at": [p[0][0], p[0][1]], "as": "dots"},
+        {"do": "set", "widgets": {"LoadImage": {"image": "dragnoise_other.png"}}},
+        {"do": "wait_image", "size": [96, 128], "as": "other"}, {"do": "values", "as": "rescaled"},
+        {"do": "colors", "at": [(5, 5), (90, 120)], "as": "other_colors"},
+    ]})
+    rec = result["record"]
+    assert result["pageErrors"] == []
+    pts = lambda name: json.loads(rec[name]["points"])  # noqa: E731
+    three = pairs_json(p)
+    assert pts("three") == three
+    assert pts("right_click") == [three[0], three[2]]  # right-click on pair 2's handle
+    assert pts("delete") == [three[0]]  # pair 3 selected (its target clicked), then Delete
+    small, big = rec["small"]["box"], rec["big"]["box"]
+    assert big["width"] > small["width"] + 100 and big["height"] > small["height"] + 60
+    four = [three[0], {"handle": [170, 10], "target": [191, 127]}]
+    assert pts("corners") == four  # still exact image pixels on the bigger canvas, corners included
+    paint, erase = mask_mod.decode_painted_mask(rec["painted"]["mask"], W, H)
+    assert paint[64, 20:121].sum() == 101 - int(erase[64, 20:121].sum())
+    assert erase[50:81, 70].all() and not paint[50:81, 70].any()  # erased where the eraser went
+    assert paint[64, 30] and not erase[64, 30]
+    assert pts("painted") == four
+    assert rec["reopened"] == rec["painted"]  # saved and reopened: the same points and mask
+    handle, target = rec["dots"]["colors"]
+    assert handle[0] > 180 and handle[2] < 110, handle  # drawn again: red handle
+    assert target[2] > 180 and target[0] < 110, target  # blue target
+    assert rec["other"]["status"].startswith("2 pairs · 96x128")
+    scale = lambda xy: [min(95, int(xy[0] * 96 / W + 0.5)), min(127, int(xy[1] * 128 / H + 0.5))]  # noqa: E731
+    assert pts("rescaled") == [{"handle": scale(q["handle"]), "target": scale(q["target"])} for q in four]
+    paint2, _ = mask_mod.decode_painted_mask(rec["rescaled"]["mask"], 96, 128)
+    assert paint2[64, 15] and not paint2[10, 10]
+    for (x, y), shown in zip([(5, 5), (90, 120)], rec["other_colors"]["colors"]):
+        assert np.abs(np.array(shown) - other[y, x]).max() <= 12, ((x, y), shown, other[y, x].tolist())
+
+
+def test_point_editor_shows_generated_image_after_first_run(server, browser):
+    """With no Load Image upstream the canvas waits for a run; the first run, with no points yet,
+    brings the image and stops at Bottleneck Optimize asking for points."""
+    workflow = json.loads((REPO / "example_workflows" / "dragnoise_generate_and_drag.json").read_text())
+    small = {"EmptyLatentImage": {"width": W, "height": H}, "KSampler": {"steps": 2},
+             "DragNoiseDDIMInvert": {"steps": 20}, "DragNoiseBottleneckOptimize": {"max_steps": 2}}
+    result = browser({"command": "steps", "url": server.url, "out": str(ARTIFACTS), "steps": [
+        {"do": "load", "workflow": workflow}, {"do": "swap"}, {"do": "set", "widgets": small},
+        {"do": "status", "as": "before"}, {"do": "queue", "as": "run"}, {"do": "wait_image", "size": [W, H], "as": "after"},
+        {"do": "colors", "at": [(10, 10), (100, 64), (180, 120)], "as": "shown"},
+        {"do": "click", "at": (50, 60)}, {"do": "click", "at": (90, 70)}, {"do": "values", "as": "placed"},
+    ]})
+    rec = result["record"]
+    assert result["pageErrors"] == []
+    assert "no image yet" in rec["before"]["status"]
+    entry = server.wait(rec["run"]["promptId"])
+    error = execution_error(entry)
+    assert error["node_type"] == "DragNoiseBottleneckOptimize", error["exception_message"]
+    assert error["exception_message"].startswith("points: no handle/target pairs")
+    assert rec["after"]["status"].startswith("0 pairs · 192x128")
+    prompt = entry["prompt"][2]
+    (editor_id,) = [k for k, v in prompt.items() if v["class_type"] == "DragNoisePointEditor"]
+    shown_file = np.asarray(view(server, entry["outputs"][editor_id]["dragnoise_image"][0]).convert("RGB"))
+    for (x, y), shown in zip([(10, 10), (100, 64), (180, 120)], rec["shown"]["colors"]):
+        assert np.abs(np.array(shown) - shown_file[y, x]).max() <= 12, ((x, y), shown, shown_file[y, x].tolist())
+    assert json.loads(rec["placed"]["points"]) == [{"handle": [50, 60], "target": [90, 70]}]

@@ -54,9 +54,14 @@ function pageSwapToTestNodes() {
   const graph = app.graph;
   const nodes = () => [...(graph._nodes ?? graph.nodes)];
   const getLink = (id) => (graph.links.get ? graph.links.get(id) : graph.links[id]);
+  // Fixed ids per test node: the 2024 server reuses a cached output when a node id comes back with
+  // the same inputs, even under another class, so a test node must not take an id that another
+  // test's prompt gave to a different node.
+  const ids = { DragNoiseTestTinyModel: 1100, DragNoiseTestTinyVAE: 1200, DragNoiseTestTinyConditioning: 1300 };
   const make = (type, pos) => {
     const n = LiteGraph.createNode(type);
     n.pos = [pos[0], pos[1]];
+    n.id = ids[type]++;
     graph.add(n);
     return n;
   };
@@ -248,9 +253,147 @@ async function edit(browser) {
   return { shown, values, promptId, screenshot, pageErrors, consoleErrors, seconds: (Date.now() - started) / 1000 };
 }
 
+// A person's actions, one step at a time, with observations recorded along the way. Image points
+// are in the editor image's pixels; observations are kept under each step's "as" name; the driver maps them to the screen from the canvas's on-screen
+// box (the image is drawn fitted and centred in it), not from the widget's own code.
+async function steps(browser) {
+  const started = Date.now();
+  const { page, pageErrors, consoleErrors } = await openComfy(browser, request.url);
+  const record = {};
+  let editorId = null;
+  let size = null;
+  const geometry = () => page.evaluate(pageEditorGeometry, editorId);
+  const toScreen = async ([x, y]) => {
+    const c = (await geometry()).canvas;
+    const scale = Math.min(c.width / size[0], c.height / size[1]);
+    return [c.x + (c.width - size[0] * scale) / 2 + (x + 0.5) * scale, c.y + (c.height - size[1] * scale) / 2 + (y + 0.5) * scale];
+  };
+  const status = () => page.evaluate((id) => window.app.graph.getNodeById(id).widgets
+    .find((w) => w.name === "dragnoise_canvas").element.querySelector(".dragnoise-status").textContent, editorId);
+  for (const step of request.steps) {
+    const button = step.button === "right" ? "right" : "left";
+    const note = (value) => {
+      if (step.as) record[step.as] = value;
+    };
+    switch (step.do) {
+      case "load":
+        await page.evaluate(pageLoadWorkflow, step.workflow);
+        [editorId] = await page.evaluate(pageNodesOf, "DragNoisePointEditor");
+        await page.evaluate(pageShowNode, editorId);
+        break;
+      case "swap":
+        await page.evaluate(pageSwapToTestNodes);
+        break;
+      case "set":
+        await page.evaluate(pageSetWidgets, step.widgets);
+        break;
+      case "wait_image": {
+        size = step.size;
+        let text = "";
+        for (let i = 0; i < 300 && !text.includes(`${size[0]}x${size[1]}`); i++) {
+          await page.waitForTimeout(100);
+          text = await status();
+        }
+        await page.waitForTimeout(200);
+        note({ status: text });
+        break;
+      }
+      case "status":
+        note({ status: await status() });
+        break;
+      case "click": {
+        const [x, y] = await toScreen(step.at);
+        await page.mouse.click(x, y, { button });
+        break;
+      }
+      case "drag": {
+        const [x0, y0] = await toScreen(step.from);
+        const [x1, y1] = await toScreen(step.to);
+        await page.mouse.move(x0, y0);
+        await page.mouse.down({ button });
+        await page.mouse.move(x1, y1, { steps: 10 });
+        await page.mouse.up({ button });
+        break;
+      }
+      case "press": {
+        const b = (await geometry()).buttons[step.action];
+        await page.mouse.click(b.x, b.y);
+        break;
+      }
+      case "key":
+        await page.keyboard.press(step.key);
+        break;
+      case "brush":
+        await page.evaluate(pageSetBrush, [editorId, step.size]);
+        break;
+      case "values":
+        note(await page.evaluate(pageWidgetValues, editorId));
+        break;
+      case "colors":
+        note({ colors: await page.evaluate(pageCanvasColors, [editorId, await Promise.all(step.at.map(toScreen))]) });
+        break;
+      case "canvas_box":
+        note({ box: (await geometry()).canvas });
+        break;
+      case "resize": {
+        // Drag the node's bottom-right corner, as a person resizes a node.
+        const r = (await geometry()).nodeRect;
+        const [cx, cy] = [r.x + r.width - 4 - 3, r.y + r.height - 4 - 3];
+        await page.mouse.move(cx, cy);
+        await page.mouse.down();
+        await page.mouse.move(cx + step.by[0], cy + step.by[1], { steps: 10 });
+        await page.mouse.up();
+        await page.waitForTimeout(300);
+        break;
+      }
+      case "reload": {
+        // Save the workflow as the UI does and open it again.
+        await page.evaluate(async () => {
+          const saved = JSON.parse(JSON.stringify(window.app.graph.serialize()));
+          await window.app.loadGraphData(saved);
+        });
+        [editorId] = await page.evaluate(pageNodesOf, "DragNoisePointEditor");
+        await page.evaluate(pageShowNode, editorId);
+        break;
+      }
+      case "saved":
+        note({ saved: await page.evaluate(() => window.app.graph.serialize()) });
+        break;
+      case "queue": {
+        const before = Object.keys(await (await fetch(`${request.url}/history`)).json());
+        await page.click("#queue-button");
+        let promptId = null;
+        for (let i = 0; i < 200 && !promptId; i++) {
+          await page.waitForTimeout(100);
+          const queue = await (await fetch(`${request.url}/queue`)).json();
+          const history = await (await fetch(`${request.url}/history`)).json();
+          const ids = [...queue.queue_running, ...queue.queue_pending].map((q) => q[1]).concat(Object.keys(history));
+          promptId = ids.find((id) => !before.includes(id)) ?? null;
+        }
+        let done = false;
+        for (let i = 0; i < 6000 && !done && promptId; i++) {
+          await page.waitForTimeout(100);
+          const entry = (await (await fetch(`${request.url}/history/${promptId}`)).json())[promptId];
+          done = ["success", "error"].includes(entry?.status?.status_str);
+        }
+        note({ promptId });
+        break;
+      }
+      case "screenshot": {
+        const r = (await geometry()).nodeRect;
+        await page.screenshot({ path: `${request.out}/${step.name}`, clip: { x: Math.max(0, r.x), y: Math.max(0, r.y), width: r.width, height: r.height } });
+        break;
+      }
+      default:
+        throw new Error(`unknown step ${step.do}`);
+    }
+  }
+  return { record, pageErrors, consoleErrors, seconds: (Date.now() - started) / 1000 };
+}
+
 const browser = await chromium.launch({ executablePath: request.chromium, headless: true, args: FLAGS });
 try {
-  const commands = { "to-prompt": toPrompt, edit };
+  const commands = { "to-prompt": toPrompt, edit, steps };
   const result = await commands[request.command](browser);
   process.stdout.write(JSON.stringify(result) + "\n");
 } finally {

@@ -782,7 +782,9 @@ class PointEditorCanvas {
     const { scale, ox, oy } = this.layout();
     const dw = this.imgW * scale;
     const dh = this.imgH * scale;
-    ctx.imageSmoothingEnabled = true;
+    // Enlarged, the image shows its pixels as they are, so a click lands on a pixel one can see;
+    // shrunk, it is smoothed.
+    ctx.imageSmoothingEnabled = scale < 1;
     if (this.image) {
       ctx.drawImage(this.image, ox, oy, dw, dh);
     } else {
