@@ -122,6 +122,10 @@ def test_point_editor_editing_resizing_and_saving(server, browser, comfy):
         {"do": "set", "widgets": {"LoadImage": {"image": "dragnoise_other.png"}}},
         {"do": "wait_image", "size": [96, 128], "as": "other"}, {"do": "values", "as": "rescaled"},
         {"do": "colors", "at": [(5, 5), (90, 120)], "as": "other_colors"},
+        {"do": "press", "action": "clear"}, {"do": "values", "as": "points_cleared"},  # reopened in points mode
+        {"do": "press", "action": "mode"}, {"do": "press", "action": "clear"}, {"do": "values", "as": "all_cleared"},
+        {"do": "press", "action": "undo"}, {"do": "values", "as": "mask_back"},
+        {"do": "press", "action": "undo"}, {"do": "values", "as": "points_back"},
     ]})
     rec = result["record"]
     assert result["pageErrors"] == []
@@ -150,6 +154,10 @@ def test_point_editor_editing_resizing_and_saving(server, browser, comfy):
     assert paint2[64, 15] and not paint2[10, 10]
     for (x, y), shown in zip([(5, 5), (90, 120)], rec["other_colors"]["colors"]):
         assert np.abs(np.array(shown) - other[y, x]).max() <= 12, ((x, y), shown, other[y, x].tolist())
+    assert rec["points_cleared"] == {"points": "[]", "mask": rec["rescaled"]["mask"]}
+    assert rec["all_cleared"] == {"points": "[]", "mask": ""}
+    assert rec["mask_back"] == rec["points_cleared"]
+    assert rec["points_back"] == rec["rescaled"]
 
 
 def test_point_editor_shows_generated_image_after_first_run(server, browser):

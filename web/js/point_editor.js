@@ -693,35 +693,38 @@ class PointEditorCanvas {
 
   // ----- painting -----------------------------------------------------------------------------
 
-  dab([cx, cy], erase) {
+  dab(p, erase) {
+    this.line(p, p, erase);
+  }
+
+  // Paints (or erases) every pixel whose centre lies within the brush radius of the segment a-b:
+  // a stroke is a union of exact capsules, with no scalloped edges.
+  line(a, b, erase) {
     const w = this.imgW;
     const h = this.imgH;
     if (!this.paint) this.paint = new Uint8Array(w * h);
     if (!this.erase) this.erase = new Uint8Array(w * h);
     const r = this.brush / 2;
-    const x0 = Math.max(0, Math.floor(cx - r));
-    const x1 = Math.min(w - 1, Math.ceil(cx + r));
-    const y0 = Math.max(0, Math.floor(cy - r));
-    const y1 = Math.min(h - 1, Math.ceil(cy + r));
+    const x0 = Math.max(0, Math.floor(Math.min(a[0], b[0]) - r));
+    const x1 = Math.min(w - 1, Math.ceil(Math.max(a[0], b[0]) + r));
+    const y0 = Math.max(0, Math.floor(Math.min(a[1], b[1]) - r));
+    const y1 = Math.min(h - 1, Math.ceil(Math.max(a[1], b[1]) + r));
     if (x0 > x1 || y0 > y1) return;
+    const dx = b[0] - a[0];
+    const dy = b[1] - a[1];
+    const len2 = dx * dx + dy * dy;
     for (let y = y0; y <= y1; y++) {
       for (let x = x0; x <= x1; x++) {
-        if ((x + 0.5 - cx) ** 2 + (y + 0.5 - cy) ** 2 > r * r) continue;
+        const px = x + 0.5 - a[0];
+        const py = y + 0.5 - a[1];
+        const t = len2 > 0 ? Math.max(0, Math.min(1, (px * dx + py * dy) / len2)) : 0;
+        if ((px - t * dx) ** 2 + (py - t * dy) ** 2 > r * r) continue;
         const i = y * w + x;
         this.paint[i] = erase ? 0 : 1;
         this.erase[i] = erase ? 1 : 0;
       }
     }
     this.rebuildOverlay(x0, y0, x1, y1);
-  }
-
-  line(a, b, erase) {
-    const dist = Math.hypot(b[0] - a[0], b[1] - a[1]);
-    const step = Math.max(0.5, this.brush / 4);
-    const n = Math.max(1, Math.ceil(dist / step));
-    for (let i = 1; i <= n; i++) {
-      this.dab([a[0] + ((b[0] - a[0]) * i) / n, a[1] + ((b[1] - a[1]) * i) / n], erase);
-    }
   }
 
   rebuildOverlay(x0 = 0, y0 = 0, x1 = this.imgW - 1, y1 = this.imgH - 1) {
