@@ -440,8 +440,18 @@ class PointEditorCanvas {
       key = `node:${src.id}`;
     }
     if (key === this.sourceKey) return;
+    const hadFile = (this.sourceKey || "").startsWith("file:");
     this.sourceKey = key;
-    if (ref) this.loadImage(viewURL(ref), key);
+    if (ref) {
+      this.loadImage(viewURL(ref), key);
+    } else if (hadFile) {
+      // Another source now: its image is known after the next run (points stay, drawn on grey).
+      this.image = null;
+      this.imageKey = key;
+      this.message = "the image shows after the next run";
+      this.updateStatus();
+      this.render();
+    }
   }
 
   loadImage(url, key) {
@@ -460,6 +470,7 @@ class PointEditorCanvas {
   }
 
   setImage(img) {
+    this.message = "";
     const w = img.naturalWidth;
     const h = img.naturalHeight;
     const stored = this.node.properties?.[SIZE_PROPERTY];
