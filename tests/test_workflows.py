@@ -39,6 +39,19 @@ def test_example_workflows_present():
             assert any(parameter in text for text in notes), (path.name, parameter)
 
 
+def test_example_workflows_are_what_the_generator_writes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_example_workflows", REPO / "scripts" / "make_example_workflows.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    photo_ui, photo_api = make.photo_workflow()
+    generated_ui, _ = make.generated_workflow()
+    assert json.loads((WORKFLOWS / "dragnoise_drag_photo.json").read_text()) == photo_ui
+    assert json.loads((WORKFLOWS / "dragnoise_generate_and_drag.json").read_text()) == generated_ui
+    assert json.loads(API_WORKFLOW.read_text()) == photo_api
+
+
 @pytest.fixture(scope="module")
 def checkpoint_placeholder(comfy_root):
     """An empty file under the checkpoint name the workflows use: enough for validation, which only
