@@ -109,11 +109,15 @@ def test_point_editor_outputs_mask_at_image_size(node, comfy, mask_mod):
     assert shown_mask.getpixel((0, 23)) == 255 and shown_mask.getpixel((39, 0)) == 0
 
 
-def test_point_editor_without_pairs_passes_on_none_and_optimize_says_so(node, tiny_model, cond):
+@pytest.fixture(scope="module")
+def inversion(node, tiny_model, cond):
     from helpers import smooth_latent
 
-    _, inversion = node("DragNoiseDDIMInvert", model=tiny_model, latent={"samples": smooth_latent(3)}, positive=cond,
-                        steps=50, inversion_strength=0.7)
+    return node("DragNoiseDDIMInvert", model=tiny_model, latent={"samples": smooth_latent(5)}, positive=cond,
+                steps=50, inversion_strength=0.7)[1]
+
+
+def test_point_editor_without_pairs_passes_on_none_and_optimize_says_so(node, tiny_model, inversion):
     points, mask = node("DragNoisePointEditor", image=torch.rand(1, 64, 64, 3), points="[]")
     assert points.handles == [] and not mask.any()
     with pytest.raises(ValueError, match=r"^points: no handle/target pairs"):
@@ -134,12 +138,8 @@ def test_point_editor_mask_errors(node, mask_mod):
         node("DragNoisePointEditor", image=image, points=pts, base_mask=torch.ones(2, 16, 16))
 
 
-def test_all_zero_mask_is_no_mask_in_optimize(node, tiny_model, cond):
+def test_all_zero_mask_is_no_mask_in_optimize(node, tiny_model, inversion):
     """An empty painted mask must behave exactly like no mask, so mask_when_empty decides."""
-    from helpers import smooth_latent
-
-    _, inversion = node("DragNoiseDDIMInvert", model=tiny_model, latent={"samples": smooth_latent(5)}, positive=cond,
-                        steps=50, inversion_strength=0.7)
     points, zeros = node("DragNoisePointEditor", image=torch.rand(1, 64, 64, 3),
                          points='[{"handle": [16, 20], "target": [40, 36]}]')
     kwargs = dict(model=tiny_model, inversion=inversion, points=points, max_steps=2, learning_rate=0.01,
