@@ -114,7 +114,7 @@ def inversion(node, tiny_model, cond):
     from helpers import smooth_latent
 
     return node("DragNoiseDDIMInvert", model=tiny_model, latent={"samples": smooth_latent(5)}, positive=cond,
-                steps=50, inversion_strength=0.7)[1]
+                steps=10, inversion_strength=0.7)[1]
 
 
 def test_point_editor_without_pairs_passes_on_none_and_optimize_says_so(node, tiny_model, inversion):
