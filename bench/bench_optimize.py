@@ -206,7 +206,7 @@ def measure_edit(ckpt, size, steps):
             inv_latent, inversion = run("DragNoiseDDIMInvert", model=model, latent={"samples": latent}, positive=positive,
                                         steps=50, inversion_strength=0.7)
             phases["inversion_s"] = time.perf_counter() - t
-            (pts,) = run("DragNoisePointEditor", image=image, points=pairs)
+            pts = run("DragNoisePointEditor", image=image, points=pairs)["result"][0]
             t = time.perf_counter()
             edit, _ = run("DragNoiseBottleneckOptimize", model=model, inversion=inversion, points=pts, max_steps=steps,
                           learning_rate=0.01, mask_lambda=0.1, mask_when_empty="regularize whole image",

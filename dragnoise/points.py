@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+NO_PAIRS = ("points: no handle/target pairs. In the Point Editor, click a handle (red) and then its target "
+            "(blue) on the image.")
+
 
 @dataclass
 class DragPoints:
@@ -44,11 +47,13 @@ def _xy(value, where):
     return float(value[0]), float(value[1])
 
 
-def parse_points(text, width, height, image=None):
+def parse_points(text, width, height, image=None, allow_empty=False):
     """Parses the points text for an image of ``width`` x ``height`` pixels.
 
-    Raises ValueError naming ``points`` for malformed JSON, an odd-length flat list, no pairs, or
-    a point outside the image. A handle equal to its target is allowed (that pair is done).
+    Raises ValueError naming ``points`` for malformed JSON, an odd-length flat list, no pairs
+    (unless ``allow_empty``: the Point Editor passes no pairs on, so its first run can show the
+    image on the canvas), or a point outside the image. A handle equal to its target is allowed
+    (that pair is done).
     """
     try:
         data = json.loads(text) if isinstance(text, str) else text
@@ -60,7 +65,9 @@ def parse_points(text, width, height, image=None):
     if not isinstance(data, list):
         raise ValueError('points: expected a list of {"handle": [x, y], "target": [x, y]} pairs.')
     if not data:
-        raise ValueError("points: no handle/target pairs. Place a handle (red) and its target (blue) on the image.")
+        if allow_empty:
+            return DragPoints([], [], int(width), int(height), image)
+        raise ValueError(NO_PAIRS)
     handles, targets = [], []
     if all(isinstance(p, dict) for p in data):
         for i, pair in enumerate(data, 1):

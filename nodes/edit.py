@@ -1,9 +1,11 @@
 from ..dragnoise.features import DEFAULT_SUPERVISION, SUPERVISION_BLOCKS
+from ..dragnoise.mask import combine_mask, decode_painted_mask
 from ..dragnoise.optimize import MASK_WHEN_EMPTY, DragSettings, optimize_bottleneck
-from ..dragnoise.points import parse_points
+from ..dragnoise.points import NO_PAIRS, parse_points
 from ..dragnoise.preview import draw_drag
 from ..dragnoise.propagation import apply_propagation, propagated_sample
 from . import types
+from .preview import save_preview
 
 HALT_STEP = ("INT", {"default": 10, "min": 0, "max": 1000, "tooltip":
              "Steps at the end of the schedule that run without the optimized bottleneck (the paper's t', "
@@ -12,27 +14,49 @@ HALT_STEP = ("INT", {"default": 10, "min": 0, "max": 1000, "tooltip":
 
 
 class PointEditor:
-    """Handle/target pairs for the image (the canvas widget edits the same ``points`` text)."""
+    """Handle/target pairs and the editable-region mask for the image; the canvas widget
+    (web/js/point_editor.js) edits the same ``points`` and ``mask`` text."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "The image being edited; points are in its pixels."}),
-            "points": ("STRING", {"default": "[]", "multiline": True, "tooltip":
-                       'Handle/target pairs in image pixels as JSON: [{"handle": [x, y], "target": [x, y]}, ...] '
-                       "(DragBench's flat list [[hx, hy], [tx, ty], ...] works too)."}),
-        }}
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The image being edited; points and mask are in its pixels."}),
+                "points": ("STRING", {"default": "[]", "multiline": True, "dynamicPrompts": False, "tooltip":
+                           'Handle/target pairs in image pixels as JSON: [{"handle": [x, y], "target": [x, y]}, '
+                           "...] (DragBench's flat list [[hx, hy], [tx, ty], ...] works too). The canvas "
+                           "writes it: click a handle (red), then its target (blue)."}),
+            },
+            "optional": {
+                "mask": ("STRING", {"default": "", "multiline": True, "dynamicPrompts": False, "tooltip":
+                         "The painted region that may change, as written by the canvas's mask mode: JSON with "
+                         '"paint" and "erase" layers in uncompressed COCO run-length encoding at the image\'s '
+                         'size (see the README), or "" for none.'}),
+                "base_mask": ("MASK", {"tooltip":
+                              "Optional MASK to start from (1 = may change), at the image's size: painting adds "
+                              "to it, erasing removes from it."}),
+            },
+        }
 
-    RETURN_TYPES = (types.POINTS,)
-    RETURN_NAMES = ("points",)
-    OUTPUT_TOOLTIPS = ("The pairs with the image size they refer to.",)
+    RETURN_TYPES = (types.POINTS, "MASK")
+    RETURN_NAMES = ("points", "mask")
+    OUTPUT_TOOLTIPS = ("The pairs with the image size they refer to.",
+                       "The editable region at the image's size: (base_mask OR painted) AND NOT erased; all "
+                       "zeros when nothing is painted (Bottleneck Optimize then treats it as no mask).")
     FUNCTION = "points"
     CATEGORY = types.CATEGORY
-    DESCRIPTION = "Where to drag: each handle point (red) moves to its target point (blue)."
+    DESCRIPTION = ("Where to drag: each handle point (red) moves to its target point (blue); optionally paint "
+                   "the region that may change.")
 
-    def points(self, image, points):
+    def points(self, image, points, mask="", base_mask=None):
         _, height, width, _ = image.shape
-        return (parse_points(points, width, height, image=image[0]),)
+        pairs = parse_points(points, width, height, image=image[0], allow_empty=True)
+        paint, erase = decode_painted_mask(mask, width, height)
+        editable = combine_mask(width, height, base_mask, paint, erase)
+        ui = {"dragnoise_image": [save_preview(image[0], "image")]}
+        if base_mask is not None:
+            ui["dragnoise_base_mask"] = [save_preview(combine_mask(width, height, base_mask)[0], "base_mask")]
+        return {"ui": ui, "result": (pairs, editable)}
 
 
 class BottleneckOptimize:
@@ -82,6 +106,10 @@ class BottleneckOptimize:
 
     def optimize(self, model, inversion, points, max_steps, learning_rate, mask_lambda, mask_when_empty,
                  motion_radius, tracking_radius, mask=None, supervision_block=DEFAULT_SUPERVISION):
+        if not points.handles:
+            raise ValueError(NO_PAIRS)
+        if mask is not None and not bool(mask.any()):
+            mask = None  # nothing painted: no mask, so mask_when_empty decides
         settings = DragSettings(max_steps=max_steps, learning_rate=learning_rate, mask_lambda=mask_lambda,
                                 mask_when_empty=mask_when_empty, motion_radius=motion_radius,
                                 tracking_radius=tracking_radius, supervision_block=supervision_block)

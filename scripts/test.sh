@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One command for the tests on a fresh machine: sets up .venv (reused when up to date), then
-# runs the fast tests and, unless DRAGNOISE_FAST=1, the slow ones. Extra arguments go to pytest.
+# One command for the tests on a fresh machine: sets up .venv (reused when up to date) and the
+# browser tests' Chromium and playwright-core, then runs the fast tests and, unless
+# DRAGNOISE_FAST=1, the slow ones. Extra arguments go to pytest.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"
+bash "$repo/scripts/setup_browser.sh"
 venv="${DRAGNOISE_VENV:-$repo/.venv}"
 py="$venv/bin/python"
 export DRAGNOISE_COMFYUI="$venv/ComfyUI"

@@ -7,6 +7,7 @@ a temporary custom_nodes folder that links to this repository.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,9 @@ COMFY_DIR = Path(os.environ.get("DRAGNOISE_COMFYUI", REPO / ".venv" / "ComfyUI")
 STUBS = REPO / "tests" / "stubs"
 PACK_NAME = "ComfyUI-DragNoise"
 CACHE = Path(os.environ.get("DRAGNOISE_TEST_CACHE", Path.home() / ".cache" / "dragnoise-tests"))
+BROWSER_DIR = REPO / "tests" / "browser"
+CHROMIUM = Path(os.environ.get("DRAGNOISE_CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = REPO / "out" / "browser"
 
 if not (COMFY_DIR / "main.py").is_file():
     raise RuntimeError(f"No ComfyUI at {COMFY_DIR}; run scripts/test.sh (it sets everything up).")
@@ -253,3 +257,37 @@ def execution_error(entry):
         if kind == "execution_error":
             return data
     return None
+
+
+def run_browser(request, timeout=420):
+    """Runs tests/browser/driver.mjs with ``request`` (see there) in headless Chromium; returns its JSON."""
+    import tempfile
+
+    request = dict(request, chromium=str(CHROMIUM))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(request, f)
+    try:
+        out = subprocess.run(["node", "driver.mjs", f.name], cwd=BROWSER_DIR, capture_output=True, text=True,
+                             timeout=timeout)
+    finally:
+        os.unlink(f.name)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise AssertionError(f"browser driver failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Runs browser requests; fails (never skips) with how to set up when Chromium or playwright-core is missing."""
+    missing = []
+    if not CHROMIUM.is_file():
+        missing.append(f"Chromium at {CHROMIUM} (Debian package 'chromium')")
+    if shutil.which("node") is None:
+        missing.append("Node.js ('node' on PATH)")
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        missing.append(f"npm's playwright-core in {BROWSER_DIR / 'node_modules'}")
+    if missing:
+        pytest.fail("The browser tests need " + ", ".join(missing) + ". Run `bash scripts/setup_browser.sh` "
+                    "(scripts/test.sh runs it) to install them.", pytrace=False)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return run_browser

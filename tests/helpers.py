@@ -73,3 +73,21 @@ def progress_until_interrupted(at, run):
     finally:
         comfy.model_management.interrupt_current_processing(False)
     return seen
+
+
+def synthetic_photo(width, height):
+    """A small made-up picture (sky, ground, a red ball) as a [H, W, 3] uint8 array, for the examples'
+    Load Image in tests. Nothing is fetched."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    y = np.linspace(0, 1, height)[:, None]
+    img = np.zeros((height, width, 3))
+    img[..., 0], img[..., 1], img[..., 2] = 0.35 + 0.3 * y, 0.55 + 0.25 * y, 0.95 - 0.2 * y
+    img[int(height * 0.68):, :] = [0.25, 0.55, 0.2]
+    picture = Image.fromarray((img * 255).astype(np.uint8))
+    r = height * 0.16
+    cx, cy = width * 0.36, height * 0.47
+    ImageDraw.Draw(picture).ellipse([cx - r, cy - r, cx + r, cy + r], fill=(220, 40, 40))
+    return np.asarray(picture)
+

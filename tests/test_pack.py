@@ -61,6 +61,13 @@ def test_object_info_lists_nodes_with_inputs(server):
     assert list(optimize["required"]) == ["model", "inversion", "points", "max_steps", "learning_rate", "mask_lambda",
                                           "mask_when_empty", "motion_radius", "tracking_radius"]
     assert list(optimize["optional"]) == ["mask", "supervision_block"]
-    assert info["DragNoisePointEditor"]["input"]["required"]["points"][0] == "STRING"
+    editor = info["DragNoisePointEditor"]
+    assert list(editor["input"]["required"]) == ["image", "points"]
+    assert list(editor["input"]["optional"]) == ["mask", "base_mask"]
+    assert editor["input"]["required"]["points"][0] == "STRING" and editor["input"]["optional"]["mask"][0] == "STRING"
+    # The 2024 frontend would treat the JSON's {...} as dynamic-prompt choices otherwise.
+    assert editor["input"]["required"]["points"][1]["dynamicPrompts"] is False
+    assert editor["input"]["optional"]["mask"][1]["dynamicPrompts"] is False
+    assert editor["output"] == ["DRAG_POINTS", "MASK"] and editor["output_name"] == ["points", "mask"]
     assert info["DragNoisePropagatedSampler"]["output"] == ["LATENT"]
     assert info["DragNoiseApplyPropagation"]["output"] == ["MODEL"]

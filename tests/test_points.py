@@ -60,8 +60,9 @@ def test_errors_name_the_input(points_mod, text, message):
 
 def test_point_editor_node_uses_image_size(node):
     image = torch.rand(1, 48, 64, 3)
-    (points,) = node("DragNoisePointEditor", image=image, points='[{"handle": [63, 47], "target": [0, 0]}]')
+    points, mask = node("DragNoisePointEditor", image=image, points='[{"handle": [63, 47], "target": [0, 0]}]')
     assert (points.width, points.height) == (64, 48)
     assert torch.equal(points.image, image[0])
+    assert mask.shape == (1, 48, 64) and not mask.any()  # nothing painted
     with pytest.raises(ValueError, match="^points: pair 1 handle"):
         node("DragNoisePointEditor", image=torch.rand(1, 32, 32, 3), points='[{"handle": [63, 47], "target": [0, 0]}]')

@@ -61,7 +61,7 @@ def upload_png(server, image, name):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray((image.numpy() * 255).astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray((image.numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
             "Content-Type: image/png\r\n\r\n").encode() + buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
