@@ -61,6 +61,7 @@ def comfy_root(tmp_path_factory):
     custom.mkdir()
     (custom / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     (custom / "dragnoise_test_nodes").symlink_to(REPO / "tests" / "comfy_test_nodes", target_is_directory=True)
+    (custom / "dragnoise_toy").symlink_to(REPO / "toy", target_is_directory=True)
     for sub in ("models/checkpoints", "models/loras", "input", "output", "temp"):
         (root / sub).mkdir(parents=True)
     (root / "extra_model_paths.yaml").write_text(

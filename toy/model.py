@@ -3,10 +3,12 @@ with fewer channels, trained by ``toy/train.py`` on the scenes of ``toy/scenes.p
 
 Latent space. Scenes are rendered straight into SD1.5's latent layout (4 channels, 8x smaller
 than the image): each latent pixel holds the mean colour of its 8x8 image block in an opponent
-colour space plus the block's contrast (edges). The VAE is trained to reproduce exactly that
-map (encoder) and to paint the image back from it (decoder), so the U-Net can be trained on
-freshly rendered latents without running an encoder, while the stock VAE Encode / VAE Decode
-nodes still turn images into these latents and back.
+colour space plus the block's contrast (edges). The VAE (ComfyUI's TAESD architecture, which
+has no normalization layers, so it can reproduce absolute colours that a 32-channel
+AutoencoderKL's per-channel GroupNorm would erase) is trained to reproduce exactly that map
+(encoder) and to paint the image back from it (decoder), so the U-Net can be trained on freshly
+rendered latents without running an encoder, while the stock VAE Encode / VAE Decode nodes
+still turn images into these latents and back.
 """
 
 import os
@@ -20,8 +22,6 @@ MODEL_CHANNELS = 32
 CONTEXT_DIM = 64
 CONTEXT_TOKENS = 77
 SCALE_FACTOR = 0.18215  # SD1.5's latent scale: model units = raw VAE units x this
-VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 # Opponent colour axes (luminance, red-green, yellow-blue) and their spread in model units.
 _COLOUR_AXES = np.array([[1 / 3, 1 / 3, 1 / 3], [0.5, -0.5, 0.0], [0.25, 0.25, -0.5]], np.float32)
@@ -30,13 +30,14 @@ _CONTRAST_GAIN = 10.0
 
 
 def unet_config():
-    """The SD1.5 U-Net configuration ComfyUI detects for real checkpoints, with 32 channels
-    instead of 320 and a 64-wide prompt embedding instead of 768."""
+    """The SD1.5 U-Net configuration ComfyUI detects for real checkpoints with fewer channels:
+    32 / 64 / 96 / 96 per level instead of 320 / 640 / 1280 / 1280, and a 64-wide prompt
+    embedding instead of 768."""
     return {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
         "legacy": False, "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4,
         "model_channels": MODEL_CHANNELS, "num_res_blocks": [2, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 3, 3],
         "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM,
         "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_temporal_attention": False, "use_temporal_resblock": False,
@@ -74,11 +75,14 @@ def build_unet(seed=0):
 
 
 def build_autoencoder(seed=0):
-    """ComfyUI's ``AutoencoderKL`` with the toy VAE layout (8x downscale, 4 latent channels)."""
-    import comfy.ldm.models.autoencoder
+    """ComfyUI's ``TAESD`` (8x downscale, 4 latent channels, no normalization layers), seeded
+    init, with SD1.5's latent scale: its encoder then outputs model units directly."""
+    import comfy.taesd.taesd
 
-    ae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=4)
+    ae = comfy.taesd.taesd.TAESD()
     _init(ae, seed)
+    with torch.no_grad():
+        ae.vae_scale.fill_(SCALE_FACTOR)
     return ae
 
 
@@ -90,11 +94,11 @@ def _init(module, seed):
     for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
         if p.ndim >= 2:
             p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            if name.endswith(("out_layers.3.weight", "proj_out.weight", "conv2.weight")) or name == "out.2.weight":
+            if name.endswith(("out_layers.3.weight", "proj_out.weight", "conv.4.weight")) or name == "out.2.weight":
                 p.zero_()
         elif name.endswith("weight"):
             p.fill_(1.0)
-        else:
+        elif name != "vae_scale":
             p.zero_()
 
 
@@ -131,6 +135,6 @@ def load(path=WEIGHTS):
     base.eval()
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                              offload_device=comfy.model_management.unet_offload_device())
-    vae = comfy.sd.VAE(sd=vae_sd, config={"params": {"ddconfig": dict(VAE_DDCONFIG), "embed_dim": 4}})
+    vae = comfy.sd.VAE(sd=vae_sd)  # ComfyUI recognises TAESD by its keys
     cond = [[default_conditioning(), {"pooled_output": torch.zeros([1, CONTEXT_DIM])}]]
     return model, vae, cond

@@ -84,8 +84,9 @@ def _hsv_to_rgb(h, s, v):
 
 
 def random_scene(rng, size=256, n_objects=None, kinds=KINDS):
-    """A random scene: a muted gradient background and 1-3 non-overlapping objects whose colours
-    stand out from the background and from each other.
+    """A random scene: a muted gradient background and 1-3 non-overlapping objects, each from an
+    eighth to a fifth of the image across, whose colours stand out from the background and from
+    each other.
 
     Args:
         rng: ``numpy.random.Generator``.
@@ -100,7 +101,7 @@ def random_scene(rng, size=256, n_objects=None, kinds=KINDS):
     for _ in range(200):
         if len(objects) == n_objects:
             break
-        radius = float(rng.uniform(0.07, 0.14) * size)
+        radius = float(rng.uniform(0.12, 0.2) * size)
         margin = radius + 0.04 * size
         center = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
         if any(np.hypot(center[0] - o.center[0], center[1] - o.center[1]) < radius + o.radius + 0.05 * size

@@ -4,11 +4,9 @@
     .venv/bin/python toy/train.py --quick         # a smoke run of a few steps
 
 Two phases:
-1. VAE: the encoder learns the scene latent of ``model.scene_latent`` (MSE) and the decoder
-   paints the image back from it (L1), on 64 px crops. Its two attention layers stay switched
-   off (output projection zero), which keeps the VAE purely convolutional, so crops teach it
-   what whole images need. Afterwards the encoder's log-variance is pinned very low, so
-   ComfyUI's VAE Encode (which samples the posterior on some versions) is deterministic.
+1. VAE (TAESD layout, purely convolutional, so 64 px crops teach it what whole images need):
+   the encoder learns the scene latent of ``model.scene_latent`` (MSE) and the decoder paints
+   the image back from it (L1).
 2. U-Net: eps-prediction on SD1.5's noise schedule, on rendered scene latents (mostly 16x16
    crops, whose attention is cheap on a CPU, then whole 32x32 latents so the attention sees
    the size it is used at), AdamW with warm-up and cosine decay, EMA of the weights.
@@ -65,34 +63,29 @@ def lr_at(step, total, peak, warmup):
 
 
 def train_vae(ae, source, steps, batch, lr, start):
-    """Encoder -> scene latent (MSE, model units), scene latent -> image (L1)."""
-    for name, p in ae.named_parameters():
-        if ".attn_1.proj_out." in name:
-            p.requires_grad_(False)  # zero-initialized: the attention adds nothing
-    params = [p for p in ae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    """TAESD encoder: image in [0, 1] -> scene latent in model units (MSE); decoder: scene latent
+    -> image (L1). ComfyUI's TAESD wrapper scales by ``vae_scale`` (SD1.5's 0.18215) on the way in
+    and out, so its raw latents are the usual raw VAE units."""
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    ae.vae_scale.requires_grad_(False)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(100, steps // 10 + 1))
         images = torch.from_numpy(source.images(batch, crop=64))
         target = toy_model.scene_latent(images)
-        pixels = images.movedim(-1, 1) * 2 - 1
+        pixels = images.movedim(-1, 1)
         # The decoder sees slightly perturbed latents: the U-Net's outputs are never exact.
         noisy = target + 0.05 * torch.randn_like(target)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            encoded = ae.quant_conv(ae.encoder(pixels))[:, :4] * toy_model.SCALE_FACTOR
-            decoded = ae.decoder(ae.post_quant_conv(noisy / toy_model.SCALE_FACTOR))
+            encoded = ae.taesd_encoder(pixels)
+            decoded = ae.taesd_decoder(noisy)
         enc_loss = torch.nn.functional.mse_loss(encoded.float(), target)
         dec_loss = (decoded.float() - pixels).abs().mean()
-        loss = enc_loss + dec_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (enc_loss + dec_loss).backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step + 1}/{steps}: encoder mse {enc_loss.item():.4f}, decoder l1 {dec_loss.item():.4f}", start)
-    with torch.no_grad():  # deterministic encoding: log-variance -30 (std 3e-7) everywhere
-        ae.quant_conv.weight[4:].zero_()
-        ae.quant_conv.bias[4:].fill_(-30.0)
 
 
 def alphas_cumprod():
