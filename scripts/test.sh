@@ -10,7 +10,10 @@ venv="${DRAGNOISE_VENV:-$repo/.venv}"
 py="$venv/bin/python"
 export DRAGNOISE_COMFYUI="$venv/ComfyUI"
 cd "$repo"
-"$py" -m pytest -m "not slow" "$@"
+# The ini and the root of pytest's collection are tests/: the repository root is the pack's
+# ComfyUI package, which pytest must not import (its folder name need not be an identifier).
+pytest=("$py" -m pytest -c tests/pytest.ini --rootdir tests)
+"${pytest[@]}" -m "not slow" "$@"
 if [ "${DRAGNOISE_FAST:-0}" != "1" ]; then
-  "$py" -m pytest -m slow "$@"
+  "${pytest[@]}" -m slow "$@"
 fi

@@ -118,18 +118,24 @@ def save(path, unet, autoencoder, metadata=None):
     safetensors.torch.save_file(sd, path, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
-def load(path=WEIGHTS):
-    """(MODEL, VAE, CONDITIONING) as ComfyUI's loaders and CLIP Text Encode would return them."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.sd
+def read(path=WEIGHTS):
+    """(U-Net state dict, VAE state dict) in float32 from a weights file."""
     import comfy.utils
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No toy model at {path}; train it with `python toy/train.py` (see toy/README.md).")
     sd = comfy.utils.load_torch_file(path)
-    unet_sd = {k[len("unet."):]: v.float() for k, v in sd.items() if k.startswith("unet.")}
-    vae_sd = {k[len("vae."):]: v.float() for k, v in sd.items() if k.startswith("vae.")}
+    return ({k[len("unet."):]: v.float() for k, v in sd.items() if k.startswith("unet.")},
+            {k[len("vae."):]: v.float() for k, v in sd.items() if k.startswith("vae.")})
+
+
+def load(path=WEIGHTS):
+    """(MODEL, VAE, CONDITIONING) as ComfyUI's loaders and CLIP Text Encode would return them."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+
+    unet_sd, vae_sd = read(path)
     base = build_unet()
     base.diffusion_model.load_state_dict(unet_sd)
     base.eval()

@@ -10,6 +10,12 @@ Two phases:
 2. U-Net: eps-prediction on SD1.5's noise schedule, on rendered scene latents (mostly 16x16
    crops, whose attention is cheap on a CPU, then whole 32x32 latents so the attention sees
    the size it is used at), AdamW with warm-up and cosine decay, EMA of the weights.
+
+   Skip attenuation: for a random half of the samples, the low frequencies of the skip features
+   entering the decoder are scaled down by a random factor (FreeU's split: the backbone carries
+   the layout, the skips the detail). Without it a model this small and briefly trained predicts
+   everything from its skips and ignores its bottleneck, unlike SD1.5, whose bottleneck carries
+   the semantics (the DragNoise paper, Fig. 1-2) - the property the method builds on.
 """
 
 import argparse
@@ -94,9 +100,29 @@ def alphas_cumprod():
     return torch.cumprod(1 - betas, 0).float()
 
 
-def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, backward_safe):
+class SkipAttenuation:
+    """``output_block_patch``: for each sample with probability ``p``, the skip feature's low
+    frequencies (a 4x smaller average, upsampled) are scaled by a factor drawn from [0, 1]."""
+
+    def __init__(self, p, gen):
+        self.p, self.gen, self.factors = p, gen, None
+
+    def draw(self, n):
+        on = torch.rand(n, generator=self.gen) < self.p
+        self.factors = torch.where(on, torch.rand(n, generator=self.gen), torch.ones(n))[:, None, None, None]
+
+    def __call__(self, h, hsp, transformer_options):
+        height, width = hsp.shape[-2:]
+        coarse = torch.nn.functional.adaptive_avg_pool2d(hsp, (max(1, height // 4), max(1, width // 4)))
+        low = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        return h, hsp - (1 - self.factors.to(hsp.dtype)) * low
+
+
+def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, backward_safe, skip_attenuation):
     """eps-MSE at uniform random timesteps; returns the EMA weights."""
     ab = alphas_cumprod()
+    attenuate = SkipAttenuation(skip_attenuation, torch.Generator().manual_seed(int(source.rng.integers(2**31))))
+    options = {"patches": {"output_block_patch": [attenuate]}}
     context = toy_model.default_conditioning()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -111,8 +137,9 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
         eps = torch.randn_like(z0)
         a = ab[t][:, None, None, None]
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        attenuate.draw(n)
         with backward_safe(unet, "norm inputs"):
-            pred = unet(zt, timesteps=t.float(), context=context.expand(n, -1, -1))
+            pred = unet(zt, timesteps=t.float(), context=context.expand(n, -1, -1), transformer_options=options)
             loss = torch.nn.functional.mse_loss(pred, eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -134,6 +161,9 @@ def main(argv=None):
     parser.add_argument("--unet-steps", type=int, default=1200)
     parser.add_argument("--full-steps", type=int, default=200, help="of the U-Net steps, how many use whole 32x32 latents (at the end)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--skip-attenuation", type=float, default=0.5,
+                        help="share of samples whose skip features lose low frequencies (0: plain training)")
+    parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="a few steps of each phase (smoke test)")
     args = parser.parse_args(argv)
@@ -145,16 +175,22 @@ def main(argv=None):
     start = time.time()
 
     ae = toy_model.build_autoencoder(args.seed)
+    base = toy_model.build_unet(args.seed)
+    if args.init:
+        unet_sd, vae_sd = toy_model.read(args.init)
+        base.diffusion_model.load_state_dict(unet_sd)
+        ae.load_state_dict(vae_sd)
     train_vae(ae, SceneSource(args.seed + 1), args.vae_steps, 16, 1e-3, start)
 
-    base = toy_model.build_unet(args.seed)
     unet = base.diffusion_model.train()
     ema = train_unet(unet, SceneSource(args.seed + 2), args.unet_steps, args.unet_steps - args.full_steps,
-                     args.batch, max(1, args.batch // 4), 1e-3, start, dragnoise.features.backward_safe)
+                     args.batch, max(1, args.batch // 4), 1e-3, start, dragnoise.features.backward_safe,
+                     args.skip_attenuation)
     unet.load_state_dict(ema)
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
-        "full_steps": args.full_steps, "batch": args.batch, "seconds": round(time.time() - start)})
+        "full_steps": args.full_steps, "batch": args.batch, "skip_attenuation": args.skip_attenuation,
+        "init": args.init or "", "seconds": round(time.time() - start)})
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", start)
 
 
