@@ -9,7 +9,7 @@ be, how much of the drag it made, the change outside the editable region and on 
 objects, PSNR against the ideal result, steps and time. The plain reconstruction (inversion,
 then denoising without an edit) is scored too: it is the floor of the change any edit shows.
 
-    .venv/bin/python bench/bench_quality.py                   # 60 cases, about half an hour on 2 cores
+    .venv/bin/python bench/bench_quality.py                   # 60 cases, about 70 minutes on 2 cores
     .venv/bin/python bench/bench_quality.py --quick           # 2 cases, 3 steps (what the tests run)
 """
 
@@ -164,11 +164,12 @@ def main(argv=None):
         print(f"case {i + 1}/{args.cases} ({'mask' if r['masked'] else 'no mask'}, drag {np.hypot(*case.drag):.0f} px): "
               + "; ".join(f"{m} err {r[m]['error_px']:.1f} px moved {r[m]['moved_fraction']:.2f} steps {r[m]['steps']} "
                           f"{r[m]['optimize_s']:.1f}s" for m in METHODS), flush=True)
-    table = summarize(rows)
+        table = summarize(rows)
+        if args.out:  # after every case, so a long run stopped early keeps what it measured
+            Path(args.out).write_text(json.dumps({"args": vars(args), "table": table, "cases": rows}, indent=1,
+                                                 default=float))
     print(f"\n{table}\n\n{len(rows)} cases in {time.time() - start:.0f} s; max_steps {args.max_steps}, "
           f"halt_step {args.halt_step}, toy model at 256 px")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "table": table, "cases": rows}, indent=1, default=float))
     return rows, table
 
 

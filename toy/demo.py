@@ -7,7 +7,8 @@ Generates a scene (toy/scenes.py), uploads it, and queues Toy Model -> Load Imag
 -> DDIM Invert -> Point Editor -> Bottleneck Optimize -> Propagated Sampler -> VAE Decode ->
 Save Image over ComfyUI's HTTP API (a server of its own on a free loopback port, or ``--url``).
 Writes to the output folder: source.png, edited.png, drag.png (the edited image with the handle,
-target and tracked path drawn), preview.png (Bottleneck Optimize's own preview) and
+target and tracked path drawn), demo.png (source and drag side by side), preview.png (Bottleneck
+Optimize's own preview) and
 report.json / report.txt (steps used, final handle-target distance, where the object went).
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
 
 from dragnoise.preview import draw_drag  # noqa: E402  (pure PIL/numpy: no ComfyUI needed here)
 from scripts.comfy_local import TOY_NODES, ComfyClient, ComfyServer, user_dir  # noqa: E402
@@ -88,7 +89,9 @@ def run(client, out, max_steps=80, halt_step=10):
     import torch
 
     drawn = draw_drag(torch.from_numpy(edited), [handle], [target], drag["trajectory"])
-    Image.fromarray((drawn[0].numpy() * 255).round().astype(np.uint8)).save(out / "drag.png")
+    drag_image = Image.fromarray((drawn[0].numpy() * 255).round().astype(np.uint8))
+    drag_image.save(out / "drag.png")
+    side_by_side(source_image, drag_image).save(out / "demo.png")
     drag_vector = (target[0] - handle[0], target[1] - handle[1])
     score = measure.score_drag(scene, index, drag_vector, edited)
     report = {
@@ -101,6 +104,16 @@ def run(client, out, max_steps=80, halt_step=10):
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.txt").write_text(report_text(report))
     return report
+
+
+def side_by_side(*images):
+    """One picture of ``images`` (PIL, same height) left to right."""
+    row = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
+    x = 0
+    for image in images:
+        row.paste(image.convert("RGB"), (x, 0))
+        x += image.width
+    return row
 
 
 def report_text(r):

@@ -1,0 +1,147 @@
+"""The toy world: scenes and their scoring, the trained toy model, its training script, the demo
+and the quality benchmark."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import COMFY_DIR, REPO
+
+sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
+from toy import measure, scenes  # noqa: E402
+from toy import model as toy_model  # noqa: E402
+
+
+def a_scene(seed=3, n_objects=2):
+    return scenes.random_scene(np.random.default_rng(seed), n_objects=n_objects)
+
+
+def test_scene_objects_are_where_the_scene_says():
+    scene = a_scene()
+    image = scene.render()
+    for i, obj in enumerate(scene.objects):
+        x, y = measure.centroid(image, scene, i)
+        assert abs(x - obj.center[0]) < 1.5 and abs(y - obj.center[1]) < 1.5
+
+
+def test_score_of_the_ideal_result_and_of_no_edit():
+    scene = a_scene()
+    drag = (30.0, -20.0)
+    ideal = measure.score_drag(scene, 0, drag, scene.with_object_moved(0, *drag).render())
+    assert ideal["error_px"] < 1.5 and abs(ideal["moved_fraction"] - 1) < 0.05
+    assert ideal["outside_mae"] == 0 and ideal["psnr_to_truth"] == 100
+    unmoved = measure.score_drag(scene, 0, drag, scene.render())
+    assert abs(unmoved["moved_fraction"]) < 0.05 and abs(unmoved["error_px"] - np.hypot(*drag)) < 1.5
+    # A change of the background away from the object is seen, and only there.
+    spoiled = scene.render().copy()
+    spoiled[:8] = 1 - spoiled[:8]
+    assert measure.score_drag(scene, 0, drag, spoiled)["outside_mae"] > 1
+
+
+def test_scene_latent_layout():
+    images = np.stack([a_scene(s).render() for s in range(4)])
+    z = toy_model.scene_latent(images)
+    assert z.shape == (4, 4, 32, 32)
+    # A flat block has zero contrast; the colour channels follow the block's mean colour.
+    flat = toy_model.scene_latent(np.full((1, 8, 8, 3), 0.5, np.float32))
+    assert torch.allclose(flat[0, :3], torch.zeros(3, 1, 1)) and flat[0, 3].item() == pytest.approx(-0.8)
+
+
+@pytest.fixture(scope="module")
+def toy(comfy):
+    with torch.inference_mode():
+        return toy_model.load()
+
+
+def test_committed_weights_were_made_by_the_training_script():
+    import safetensors
+
+    assert toy_model.WEIGHTS.endswith("toy/weights/toy-sd15.safetensors")
+    size = (REPO / "toy" / "weights" / "toy-sd15.safetensors").stat().st_size
+    assert size < 20e6
+    with safetensors.safe_open(toy_model.WEIGHTS, "pt") as f:
+        meta = f.metadata()
+    assert meta["made_by"] == "toy/train.py" and int(meta["unet_steps"]) > 100
+
+
+def test_toy_model_is_sd15_type_and_its_vae_encodes_the_scene_latent(toy, comfy):
+    import importlib
+
+    model, vae, cond = toy
+    check = importlib.import_module("ComfyUI-DragNoise.dragnoise.model_check")
+    unet = check.sd15_unet(model)
+    assert unet.model_channels == 32 and len(unet.output_blocks) == 12
+    scene = a_scene(5)
+    image = torch.from_numpy(scene.render())[None]
+    with torch.inference_mode():
+        latent = vae.encode(image)
+        decoded = vae.decode(latent)
+    expected = toy_model.scene_latent(image.numpy())
+    encoded = latent * toy_model.SCALE_FACTOR  # model units, as the U-Net sees it
+    assert (encoded - expected).abs().mean() < 0.1 * expected.abs().mean()
+    assert (decoded - image).abs().mean() < 0.05  # mean error of the round trip: under 13 / 255
+    assert cond[0][0].shape == (1, 77, 64)
+
+
+def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
+    out = tmp_path / "toy.safetensors"
+    run = subprocess.run([sys.executable, str(REPO / "toy" / "train.py"), "--quick", "--out", str(out)],
+                         env={"DRAGNOISE_COMFYUI": str(COMFY_DIR), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "unet step 4/4" in run.stdout
+    with torch.inference_mode():
+        model, vae, _ = toy_model.load(str(out))
+    assert model.model.diffusion_model.model_channels == 32
+
+
+@pytest.fixture(scope="module")
+def demo_report(server, tmp_path_factory):
+    from scripts.comfy_local import ComfyClient
+    from toy import demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return out, demo.run(ComfyClient(server.url), out)
+
+
+def test_demo_writes_its_pictures_and_report(demo_report):
+    out, report = demo_report
+    for name in ("source.png", "edited.png", "drag.png", "demo.png", "preview.png", "report.json", "report.txt"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert 1 <= report["steps_used"] <= 80 and np.isfinite(report["final_distance_px"])
+    assert report["object_end"] is not None and np.isfinite(report["object_error_px"])
+    # The image away from the dragged object stayed as it was (mean change under 8 / 255).
+    assert report["change_outside_mae"] < 8, report
+
+
+@pytest.mark.xfail(strict=True, reason="the toy model does not yet carry its layout in the bottleneck "
+                   "(toy/README.md, 'What this model does not reproduce'): issue 6 stays open until it does")
+def test_demo_moves_the_object_most_of_the_way(demo_report):
+    from toy import demo
+
+    _, report = demo_report
+    assert report["moved_fraction"] > 0.6, report
+    assert report["object_error_px"] < 0.4 * np.hypot(*demo.DEMO_DRAG), report
+
+
+def test_quality_benchmark_quick_mode_computes_its_numbers(tmp_path, comfy):
+    out = tmp_path / "quality.json"
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "bench_quality.py"), "--quick", "--out", str(out)],
+                         env={"DRAGNOISE_COMFYUI": str(COMFY_DIR), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["cases"]) == 2 and [c["masked"] for c in result["cases"]] == [False, True]
+    for case in result["cases"]:
+        for method in ("dragnoise", "baseline", "reconstruction"):
+            scores = case[method]
+            assert np.isfinite(scores["error_px"]) and np.isfinite(scores["psnr_to_truth"])
+            assert scores["outside_mae"] >= 0
+        for method in ("dragnoise", "baseline"):
+            assert 1 <= case[method]["steps"] <= 3 and case[method]["optimize_s"] > 0
+    assert "| dragnoise (mask) |" in result["table"] and "| baseline (no mask) |" in result["table"]
