@@ -8,13 +8,8 @@ a temporary custom_nodes folder that links to this repository.
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,6 +26,8 @@ ARTIFACTS = REPO / "out" / "browser"
 if not (COMFY_DIR / "main.py").is_file():
     raise RuntimeError(f"No ComfyUI at {COMFY_DIR}; run scripts/test.sh (it sets everything up).")
 sys.path[:0] = [str(COMFY_DIR), str(STUBS)]
+sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
+from scripts.comfy_local import TOY_NODES, ComfyServer, user_dir  # noqa: E402
 
 import comfy.options  # noqa: E402  (ComfyUI must be configured before model_management loads)
 
@@ -55,22 +52,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def comfy_root(tmp_path_factory):
-    """A ComfyUI user folder: custom_nodes (this pack + test nodes), models, input, output."""
-    root = tmp_path_factory.mktemp("comfy")
-    custom = root / "custom_nodes"
-    custom.mkdir()
-    (custom / PACK_NAME).symlink_to(REPO, target_is_directory=True)
-    (custom / "dragnoise_test_nodes").symlink_to(REPO / "tests" / "comfy_test_nodes", target_is_directory=True)
-    (custom / "dragnoise_toy").symlink_to(REPO / "toy", target_is_directory=True)
-    for sub in ("models/checkpoints", "models/loras", "input", "output", "temp"):
-        (root / sub).mkdir(parents=True)
-    (root / "extra_model_paths.yaml").write_text(
-        "dragnoise_tests:\n"
-        f"    base_path: {root}\n"
-        "    custom_nodes: custom_nodes\n"
-        "    checkpoints: models/checkpoints\n"
-        "    loras: models/loras\n")
-    return root
+    """A ComfyUI user folder: custom_nodes (this pack, the test nodes, the toy model's loader),
+    models, input, output."""
+    return user_dir(tmp_path_factory.mktemp("comfy"),
+                    {"dragnoise_test_nodes": REPO / "tests" / "comfy_test_nodes", **TOY_NODES})
 
 
 @pytest.fixture(scope="session")
@@ -154,102 +139,10 @@ def sd15(sd15_checkpoint):
     return out[:3]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ComfyServer:
-    """A ComfyUI server subprocess and a small HTTP client for its API."""
-
-    def __init__(self, root, port):
-        self.root = root
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = root / f"server-{port}.log"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(STUBS), os.environ.get("PYTHONPATH", "")]))
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--disable-auto-launch", "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
-             "--output-directory", str(root / "output"), "--input-directory", str(root / "input"),
-             "--temp-directory", str(root / "temp")],
-            cwd=COMFY_DIR, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def log_text(self):
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout=180):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI server exited ({self.proc.returncode}):\n{self.log_text()[-4000:]}")
-            try:
-                self.get("/object_info/KSampler")
-                return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.5)
-        raise RuntimeError(f"ComfyUI server not ready after {timeout}s:\n{self.log_text()[-4000:]}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-
-    def request(self, path, data=None, headers=None):
-        req = urllib.request.Request(self.url + path, data=data, headers=headers or {})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.read()
-
-    def get(self, path):
-        return json.loads(self.request(path))
-
-    def post(self, path, payload):
-        body = json.dumps(payload).encode()
-        try:
-            return json.loads(self.request(path, body, {"Content-Type": "application/json"}))
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from e
-
-    def queue(self, prompt):
-        return self.post("/prompt", {"prompt": prompt, "client_id": "dragnoise-tests"})["prompt_id"]
-
-    def wait(self, prompt_id, timeout=300):
-        """The /history entry of a finished prompt (successful or not)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI server died:\n{self.log_text()[-4000:]}")
-            time.sleep(0.25)
-        raise TimeoutError(f"prompt {prompt_id} not done after {timeout}s:\n{self.log_text()[-3000:]}")
-
-    def run(self, prompt, timeout=300):
-        """Queues a prompt, waits, and returns its outputs; fails with ComfyUI's error message."""
-        entry = self.wait(self.queue(prompt), timeout)
-        if entry["status"]["status_str"] != "success":
-            raise AssertionError(f"prompt failed: {json.dumps(entry['status']['messages'])[-3000:]}")
-        return entry["outputs"]
-
-
 @pytest.fixture(scope="session")
 def server(comfy_root):
-    srv = ComfyServer(comfy_root, free_port())
-    try:
-        srv.wait_ready()
+    with ComfyServer(comfy_root) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def execution_error(entry):
