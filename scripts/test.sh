@@ -9,10 +9,12 @@ bash "$repo/scripts/setup_browser.sh"
 venv="${DRAGNOISE_VENV:-$repo/.venv}"
 py="$venv/bin/python"
 export DRAGNOISE_COMFYUI="$venv/ComfyUI"
-cd "$repo"
-# The ini and the root of pytest's collection are tests/: the repository root is the pack's
-# ComfyUI package, which pytest must not import (its folder name need not be an identifier).
-pytest=("$py" -m pytest -c tests/pytest.ini --rootdir tests)
+# pytest runs from tests/, its rootdir and the home of its ini: the repository root is the pack's
+# ComfyUI package, which pytest must not collect (its folder name need not be an identifier), and
+# testpaths only applies when pytest starts in the rootdir. Paths given as arguments are relative
+# to tests/.
+cd "$repo/tests"
+pytest=("$py" -m pytest -c pytest.ini --rootdir .)
 "${pytest[@]}" -m "not slow" "$@"
 if [ "${DRAGNOISE_FAST:-0}" != "1" ]; then
   "${pytest[@]}" -m slow "$@"
