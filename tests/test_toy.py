@@ -87,12 +87,19 @@ def test_toy_model_is_sd15_type_and_its_vae_encodes_the_scene_latent(toy, comfy)
     assert cond[0][0].shape == (1, 77, 64)
 
 
+def run_quick(script, out, timeout):
+    """Runs ``script`` (relative to the repository) with ``--quick --out out`` in a clean
+    environment, as a user would; fails with its output's tail. Returns the CompletedProcess."""
+    run = subprocess.run([sys.executable, str(REPO / script), "--quick", "--out", str(out)],
+                         env={"DRAGNOISE_COMFYUI": str(COMFY_DIR), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return run
+
+
 def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     out = tmp_path / "toy.safetensors"
-    run = subprocess.run([sys.executable, str(REPO / "toy" / "train.py"), "--quick", "--out", str(out)],
-                         env={"DRAGNOISE_COMFYUI": str(COMFY_DIR), "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    run = run_quick("toy/train.py", out, timeout=600)
     assert "unet step 4/4" in run.stdout
     with torch.inference_mode():
         model, vae, _ = toy_model.load(str(out))
@@ -130,10 +137,7 @@ def test_demo_moves_the_object_most_of_the_way(demo_report):
 
 def test_quality_benchmark_quick_mode_computes_its_numbers(tmp_path, comfy):
     out = tmp_path / "quality.json"
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "bench_quality.py"), "--quick", "--out", str(out)],
-                         env={"DRAGNOISE_COMFYUI": str(COMFY_DIR), "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    run_quick("bench/bench_quality.py", out, timeout=900)
     result = json.loads(out.read_text())
     assert len(result["cases"]) == 2 and [c["masked"] for c in result["cases"]] == [False, True]
     for case in result["cases"]:
