@@ -113,3 +113,14 @@ def random_scene(rng, size=256, n_objects=None, kinds=KINDS):
         objects.append(SceneObject(kind, center, radius, colour, float(rng.uniform(0, np.pi / 2)),
                                    lobes if kind == "blob" else ()))
     return Scene(size, background, objects)
+
+
+def moved_pair(rng, size=256, max_shift=1 / 3):
+    """A random scene, the index of one of its objects, and the scene with that object moved by up
+    to ``max_shift`` of the image along each axis (kept inside the image)."""
+    scene = random_scene(rng, size)
+    index = int(rng.integers(len(scene.objects)))
+    obj = scene.objects[index]
+    target = np.clip(np.add(obj.center, rng.uniform(-size * max_shift, size * max_shift, size=2)),
+                     obj.radius, size - obj.radius)
+    return scene, index, scene.with_object_moved(index, *(target - np.asarray(obj.center)))

@@ -12,12 +12,17 @@ Two phases:
    the size it is used at), AdamW with warm-up and cosine decay, EMA of the weights.
 
    The decoder's three lowest-resolution levels (output blocks 0-8) take no skip features: the
-   weights that read them are held at zero, so the layout reaches the decoder through the
-   bottleneck and only the top level sees the encoder's detail. Without this a model this small
-   and briefly trained predicts everything from its skips and ignores its bottleneck (swapping
-   in another scene's bottleneck changed the predicted image by 0.2%), unlike SD1.5, whose
+   weights that read them are held at zero (``--skipless-blocks``), so the layout has to reach
+   the decoder through the bottleneck. Without this a model this small and briefly trained
+   predicts everything from its skips and ignores its bottleneck, unlike SD1.5, whose
    bottleneck carries the semantics (the DragNoise paper, Fig. 1-2): the property the method
-   builds on.
+   builds on. ``toy/probe.py`` measures it.
+
+   ``--moved-pairs`` (off for the committed weights) trains part of each batch on pairs of a
+   scene and the same scene with one object moved: the decoder sees the first's noisy latent
+   and skips with the second's bottleneck and learns to predict the second. With
+   ``--skipless-blocks 11 --moved-pairs 0.5`` the bottleneck's share of the layout goes from 0.01
+   to 0.59 (toy/README.md).
 """
 
 import argparse
@@ -35,7 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import comfy_env  # noqa: E402
 from toy import model as toy_model  # noqa: E402
-from toy.scenes import random_scene  # noqa: E402
+from toy.probe import SwapBottleneck, alphas_cumprod, bottleneck_share  # noqa: E402
+from toy.scenes import moved_pair, random_scene  # noqa: E402
 
 
 class SceneSource:
@@ -47,17 +53,26 @@ class SceneSource:
     def images(self, n, crop=None):
         """[n, crop, crop, 3] float32 images (whole scenes when ``crop`` is None), randomly
         flipped and rotated by multiples of 90 degrees."""
-        out = []
+        return np.stack([self._augment([random_scene(self.rng, toy_model.IMAGE_SIZE).render()], crop)[0]
+                         for _ in range(n)])
+
+    def moved_pairs(self, n, crop=None):
+        """Two [n, crop, crop, 3] arrays: scenes, and the same scenes with one object moved by up to
+        a third of the image (same crop, rotation and flip)."""
+        pairs = []
         for _ in range(n):
-            image = random_scene(self.rng, toy_model.IMAGE_SIZE).render()
-            if crop:
-                y, x = (int(v) * 8 for v in self.rng.integers(0, (toy_model.IMAGE_SIZE - crop) // 8 + 1, size=2))
-                image = image[y:y + crop, x:x + crop]
-            image = np.rot90(image, int(self.rng.integers(4)))
-            if self.rng.random() < 0.5:
-                image = image[:, ::-1]
-            out.append(np.ascontiguousarray(image))
-        return np.stack(out)
+            scene, _, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE)
+            pairs.append(self._augment([scene.render(), moved.render()], crop))
+        return tuple(np.stack(p) for p in zip(*pairs))
+
+    def _augment(self, images, crop):
+        """The same random crop (on the latent grid), rotation and flip of every image."""
+        if crop:
+            y, x = (int(v) * 8 for v in self.rng.integers(0, (toy_model.IMAGE_SIZE - crop) // 8 + 1, size=2))
+            images = [image[y:y + crop, x:x + crop] for image in images]
+        k, flip = int(self.rng.integers(4)), self.rng.random() < 0.5
+        images = [np.rot90(image, k) for image in images]
+        return [np.ascontiguousarray(image[:, ::-1] if flip else image) for image in images]
 
 
 def log(message, start):
@@ -96,12 +111,6 @@ def train_vae(ae, source, steps, batch, lr, start):
             log(f"vae step {step + 1}/{steps}: encoder mse {enc_loss.item():.4f}, decoder l1 {dec_loss.item():.4f}", start)
 
 
-def alphas_cumprod():
-    """SD1.5's scaled-linear schedule (what ComfyUI's model sampling uses for eps models)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
-
-
 def hold_skips_at_zero(unet, blocks):
     """Zeroes, and keeps at zero through training, the weights with which output blocks
     ``blocks`` read their skip feature (the last channels of their concatenated input)."""
@@ -116,8 +125,17 @@ def hold_skips_at_zero(unet, blocks):
             conv.weight.register_hook(lambda grad, keep=keep: grad * keep)
 
 
-def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, backward_safe):
-    """eps-MSE at uniform random timesteps; returns the EMA weights."""
+def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, backward_safe,
+               moved_fraction=0.0, moved_min_t=300, moved_lag=0):
+    """eps-MSE at uniform random timesteps; returns the EMA weights.
+
+    With ``moved_fraction`` > 0, that share of each batch are *moved pairs*: a scene A, and B, A
+    with one object moved, noised with the same noise, A at t >= ``moved_min_t``, B at up to
+    ``moved_lag`` steps noisier (DragNoise propagates the edit step's bottleneck to later steps). A's
+    sample runs on A's noisy latent and skips but B's bottleneck, and learns to predict the
+    noise that makes its x0 estimate B's: the decoder takes the layout from the bottleneck and
+    the noise from the skips. B's sample is an ordinary one.
+    """
     ab = alphas_cumprod()
     context = toy_model.default_conditioning()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
@@ -128,23 +146,39 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
             group["lr"] = lr_at(step, steps, lr, min(200, steps // 10 + 1))
         full = step >= full_from
         n = full_batch if full else batch
-        z0 = toy_model.scene_latent(source.images(n, crop=None if full else 128))
+        crop = None if full else 128
+        k = min(n // 2, round(n * moved_fraction / 2))
+        scenes, moved = source.moved_pairs(k, crop) if k else ((), ())
+        images = np.concatenate([x for x in (scenes, source.images(n - 2 * k, crop), moved) if len(x)])
+        z0 = toy_model.scene_latent(images)
         t = torch.randint(0, 1000, (n,))
         eps = torch.randn_like(z0)
+        if k:
+            t[:k] = torch.randint(moved_min_t, 1000, (k,))
+            t[-k:] = (t[:k] + torch.randint(0, moved_lag + 1, (k,))).clamp(max=999) if moved_lag else t[:k]
+            eps[-k:] = eps[:k]
         a = ab[t][:, None, None, None]
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        target, weight = eps.clone(), torch.ones_like(a)
+        if k:
+            target[:k] = (zt[:k] - a[:k].sqrt() * z0[-k:]) / (1 - a[:k]).sqrt()
+            # eps-MSE weighs x0 errors by a/(1-a), next to nothing at the edit step (0.1 at t=681),
+            # so the moved pairs are weighed as x0 errors instead (capped).
+            weight[:k] = ((1 - a[:k]) / a[:k]).clamp(1, 10)
+        options = {"patches": {"output_block_patch": [SwapBottleneck(k)]}}
         with backward_safe(unet, "norm inputs"):
-            pred = unet(zt, timesteps=t.float(), context=context.expand(n, -1, -1))
-            loss = torch.nn.functional.mse_loss(pred, eps)
+            pred = unet(zt, timesteps=t.float(), context=context.expand(n, -1, -1), transformer_options=options)
+            loss = (weight * (pred - target) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[k].copy_(v)
+            for key, v in unet.state_dict().items():
+                ema[key].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[key].copy_(v)
         if step % 50 == 0 or step == steps - 1:
-            log(f"unet step {step + 1}/{steps} ({'32x32' if full else '16x16'}): loss {loss.item():.4f}", start)
+            swapped = f", moved pairs {torch.nn.functional.mse_loss(pred[:k], target[:k]).item():.4f}" if k else ""
+            log(f"unet step {step + 1}/{steps} ({'32x32' if full else '16x16'}): loss {loss.item():.4f}{swapped}", start)
     return ema
 
 
@@ -158,6 +192,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--skipless-blocks", type=int, default=9,
                         help="how many of the decoder's first blocks take no skip feature (0: plain SD1.5 training)")
+    parser.add_argument("--moved-pairs", type=float, default=0.0,
+                        help="share of each U-Net batch trained as moved pairs (bottleneck of the scene with an object moved)")
+    parser.add_argument("--moved-lag", type=int, default=0,
+                        help="how many timesteps noisier a moved pair's bottleneck may be than its sample")
+    parser.add_argument("--moved-min-t", type=int, default=300, help="the lowest timestep of a moved pair")
     parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="a few steps of each phase (smoke test)")
@@ -180,12 +219,16 @@ def main(argv=None):
     unet = base.diffusion_model.train()
     hold_skips_at_zero(unet, range(args.skipless_blocks))
     ema = train_unet(unet, SceneSource(args.seed + 2), args.unet_steps, args.unet_steps - args.full_steps,
-                     args.batch, max(1, args.batch // 4), 1e-3, start, dragnoise.features.backward_safe)
+                     args.batch, max(1, args.batch // 4), 1e-3, start, dragnoise.features.backward_safe,
+                     args.moved_pairs, args.moved_min_t, args.moved_lag)
     unet.load_state_dict(ema)
+    share = bottleneck_share(unet.eval())
+    log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
-        "full_steps": args.full_steps, "batch": args.batch, "skipless_blocks": args.skipless_blocks,
-        "init": args.init or "", "seconds": round(time.time() - start)})
+        "full_steps": args.full_steps, "batch": args.batch, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
+        "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag,
+        "bottleneck_share": round(share, 3), "init": args.init or "", "seconds": round(time.time() - start)})
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", start)
 
 

@@ -1,0 +1,132 @@
+"""How much the toy U-Net takes the layout from its bottleneck: the property DragNoise builds on
+(the paper's Fig. 1-2: SD1.5's bottleneck carries the semantics, its skips the detail).
+
+The probe: scene A and B, A with one object moved, noised with the same noise at the same t. The
+U-Net runs on A's noisy latent with B's bottleneck (mid-block output) swapped in; the share is
+how far its x0 prediction goes from A's own toward B's own, projected on that direction: 0 when
+the decoder ignores the bottleneck, 1 when the layout comes from the bottleneck alone.
+``truth_substitution`` goes one further: it propagates the truly moved scene's bottleneck through
+the pack's own DDIM inversion and propagation, the best a drag could do on the model.
+
+    .venv/bin/python toy/probe.py [--weights toy/weights/toy-sd15.safetensors] [--cases 3]
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
+
+from toy import measure  # noqa: E402
+from toy import model as toy_model  # noqa: E402
+from toy.scenes import moved_pair  # noqa: E402
+
+EDIT_TIMESTEP = 681  # DDIM step 35 of 50 (inversion strength 0.7) on SD1.5's schedule
+
+
+class SwapBottleneck:
+    """``output_block_patch``: the first ``k`` samples of the batch continue from the bottleneck of
+    the last ``k`` (their own skips unchanged)."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, h, hsp, transformer_options):
+        if self.k and transformer_options.get("block") == ("output", 0):
+            h = torch.cat([h[-self.k:], h[self.k:]])
+        return h, hsp
+
+
+def alphas_cumprod():
+    """SD1.5's scaled-linear schedule (what ComfyUI's model sampling uses for eps models)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+@torch.no_grad()
+def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0):
+    """Mean share (see the module docstring) over ``cases`` moved pairs of whole scenes.
+
+    Args:
+        unet: the toy's ``UNetModel`` (ComfyUI's ``diffusion_model``).
+    """
+    rng = np.random.default_rng(seed)
+    pairs = [moved_pair(rng, toy_model.IMAGE_SIZE) for _ in range(cases)]
+    a_scenes = toy_model.scene_latent(np.stack([a.render() for a, _, _ in pairs]))
+    b_scenes = toy_model.scene_latent(np.stack([b.render() for _, _, b in pairs]))
+    eps = torch.randn(a_scenes.shape, generator=torch.Generator().manual_seed(seed))
+    ab = alphas_cumprod()[timestep]
+    x0 = []
+    for z0, swap in ((a_scenes, 0), (b_scenes, 0), (a_scenes, cases)):
+        batch = torch.cat([z0, b_scenes]) if swap else z0
+        zt = ab.sqrt() * batch + (1 - ab).sqrt() * eps.repeat(len(batch) // cases, 1, 1, 1)
+        pred = unet(zt, timesteps=torch.full((len(batch),), float(timestep)),
+                    context=toy_model.default_conditioning().expand(len(batch), -1, -1),
+                    transformer_options={"patches": {"output_block_patch": [SwapBottleneck(swap)]}})
+        x0.append(((zt - (1 - ab).sqrt() * pred) / ab.sqrt())[:cases])
+    x0_a, x0_b, x0_swapped = x0
+    direction = (x0_b - x0_a).flatten(1)
+    shares = ((x0_swapped - x0_a).flatten(1) * direction).sum(1) / direction.square().sum(1).clamp_min(1e-8)
+    return float(shares.mean())
+
+
+def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strength=0.7, halt_step=10):
+    """The best any bottleneck optimization could do: the moved fraction (toy/measure.py) of the
+    dragged object when A's propagation (from A's DDIM inversion, to ``halt_step``) is given the
+    bottleneck of B, the truly moved scene, inverted the same way. One number per case.
+
+    Args:
+        dragnoise: the pack's ``dragnoise`` package as ComfyUI loaded it (``bench.comfy_env.start``).
+        model, vae, positive: the toy's MODEL, VAE and CONDITIONING (``toy.model.load``).
+    """
+    import dataclasses
+    import json
+
+    rng = np.random.default_rng(seed)
+    moved_fractions = []
+    for _ in range(cases):
+        scene, index, moved = moved_pair(rng, toy_model.IMAGE_SIZE)
+        drag = np.subtract(moved.objects[-1].center, scene.objects[index].center)
+        with torch.inference_mode():
+            a, b = (dragnoise.inversion.ddim_invert(model, vae.encode(torch.from_numpy(s.render())[None]), positive,
+                                                    50, strength)[1] for s in (scene, moved))
+            # A drag of length zero: A's own bottleneck, unoptimized, in a DragEdit to substitute into.
+            still = json.dumps([{"handle": list(scene.objects[index].center), "target": list(scene.objects[index].center)}])
+            edit = dragnoise.optimize.optimize_bottleneck(model, a, dragnoise.points.parse_points(still, scene.size, scene.size))
+        with torch.inference_mode(False), torch.no_grad():
+            b_state = dragnoise.features.run_encoder(model, model.model.diffusion_model, b.noisy_latent, b.timestep,
+                                                     b.edit_sigma, positive[0][0])
+        edit = dataclasses.replace(edit, bottleneck=b_state.bottleneck.float().cpu())
+        with torch.inference_mode():
+            image = vae.decode(dragnoise.propagation.propagated_sample(model, a, edit, halt_step))[0].numpy()
+        moved_fractions.append(measure.score_drag(scene, index, tuple(drag), image)["moved_fraction"])
+    return moved_fractions
+
+
+def main(argv=None):
+    import argparse
+
+    from bench import comfy_env
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=toy_model.WEIGHTS)
+    parser.add_argument("--cases", type=int, default=3, help="moved pairs for the truth substitution")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    dragnoise = comfy_env.start(pytorch_attention=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, vae, positive = toy_model.load(args.weights)
+    with torch.inference_mode():
+        share = bottleneck_share(model.model.diffusion_model)
+    print(f"bottleneck share of the layout at t={EDIT_TIMESTEP}: {share:.3f}")
+    moved = truth_substitution(dragnoise, model, vae, positive, args.cases)
+    print("truly moved scene's bottleneck propagated: the object moved "
+          + ", ".join(f"{100 * m:.0f}%" for m in moved) + " of the drag")
+
+
+if __name__ == "__main__":
+    main()
