@@ -170,8 +170,8 @@ def test_demo_writes_its_pictures_and_report(demo_report):
     assert report["change_outside_mae"] < 8, report
 
 
-@pytest.mark.xfail(strict=True, reason="the toy model does not yet carry its layout in the bottleneck "
-                   "(toy/README.md, 'The decoder's skips'): issue 6 stays open until it does")
+@pytest.mark.xfail(strict=True, reason="no toy model yet on which Bottleneck Optimize moves the object "
+                   "(toy/README.md, 'The decoder's skips'): issue 6 stays open until one does")
 def test_demo_moves_the_object_most_of_the_way(demo_report):
     from toy import demo
 

@@ -59,15 +59,17 @@ def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0):
     b_scenes = toy_model.scene_latent(np.stack([b.render() for _, _, b in pairs]))
     eps = torch.randn(a_scenes.shape, generator=torch.Generator().manual_seed(seed))
     ab = alphas_cumprod()[timestep]
-    x0 = []
-    for z0, swap in ((a_scenes, 0), (b_scenes, 0), (a_scenes, cases)):
-        batch = torch.cat([z0, b_scenes]) if swap else z0
-        zt = ab.sqrt() * batch + (1 - ab).sqrt() * eps.repeat(len(batch) // cases, 1, 1, 1)
-        pred = unet(zt, timesteps=torch.full((len(batch),), float(timestep)),
-                    context=toy_model.default_conditioning().expand(len(batch), -1, -1),
+
+    def x0_prediction(z0, swap):
+        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps.repeat(len(z0) // cases, 1, 1, 1)
+        pred = unet(zt, timesteps=torch.full((len(z0),), float(timestep)),
+                    context=toy_model.default_conditioning().expand(len(z0), -1, -1),
                     transformer_options={"patches": {"output_block_patch": [SwapBottleneck(swap)]}})
-        x0.append(((zt - (1 - ab).sqrt() * pred) / ab.sqrt())[:cases])
-    x0_a, x0_b, x0_swapped = x0
+        return (zt - (1 - ab).sqrt() * pred) / ab.sqrt()
+
+    x0_a = x0_prediction(a_scenes, 0)
+    # B's samples are unaffected by the swap, so one pass gives both A-with-B's-bottleneck and B.
+    x0_swapped, x0_b = x0_prediction(torch.cat([a_scenes, b_scenes]), cases).split(cases)
     direction = (x0_b - x0_a).flatten(1)
     shares = ((x0_swapped - x0_a).flatten(1) * direction).sum(1) / direction.square().sum(1).clamp_min(1e-8)
     return float(shares.mean())
