@@ -101,14 +101,14 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     import safetensors
 
     out = tmp_path / "toy.safetensors"
-    run = run_quick("toy/train.py", out, 600, "--moved-pairs", "0.5", "--skipless-blocks", "11")
+    run = run_quick("toy/train.py", out, 600, "--moved-pairs", "0.5", "--skipless-blocks", "11", "--moved-interpolate")
     assert "unet step 4/4" in run.stdout and "moved pairs" in run.stdout
     with torch.inference_mode():
         model, vae, _ = toy_model.load(str(out))
     assert model.model.diffusion_model.model_channels == 32
     with safetensors.safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert meta["moved_pairs"] == "0.5" and meta["skipless_blocks"] == "11"
+    assert meta["moved_pairs"] == "0.5" and meta["skipless_blocks"] == "11" and meta["moved_interpolate"] == "True"
     assert np.isfinite(float(meta["bottleneck_share"]))
 
 
@@ -122,17 +122,44 @@ def test_moved_pair_moves_one_object_and_keeps_the_rest():
     assert [o for i, o in enumerate(scene.objects) if i != index] == moved.objects[:-1]
 
 
+def test_moved_part_way_puts_the_object_between_its_start_and_end():
+    scene, index, moved = scenes.moved_pair(np.random.default_rng(6))
+    start, end = np.array(scene.objects[index].center), np.array(moved.objects[-1].center)
+    for share in (0.0, 0.3, 1.0):
+        partial = scenes.moved_part_way(scene, index, moved, share)
+        measured = measure.centroid(partial.render(), partial, len(partial.objects) - 1)
+        assert np.hypot(*(np.array(measured) - (start + share * (end - start)))) < 1.5, (share, measured)
+    assert np.array_equal(scenes.moved_part_way(scene, index, moved, 1.0).render(), moved.render())
+
+
 def test_swap_bottleneck_changes_only_the_receiving_samples(toy):
     from toy import probe
 
     unet = toy[0].model.diffusion_model
     z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-    run = lambda k: unet(z, timesteps=torch.full((2,), 681.0), context=toy_model.default_conditioning().expand(2, -1, -1),
-                         transformer_options={"patches": {"output_block_patch": [probe.SwapBottleneck(k)]}})
+    run = lambda k, mix=None: unet(z, timesteps=torch.full((2,), 681.0), context=toy_model.default_conditioning().expand(2, -1, -1),
+                                   transformer_options={"patches": {"output_block_patch": [probe.SwapBottleneck(k, mix)]}})
     with torch.inference_mode():
         plain, swapped = run(0), run(1)
+        none, half, whole = (run(1, torch.tensor([m])) for m in (0.0, 0.5, 1.0))
     assert torch.equal(plain[1], swapped[1])
     assert (plain[0] - swapped[0]).abs().mean() > 1e-4
+    # A mix moves the receiving sample's bottleneck that share of the way.
+    assert torch.allclose(none, plain, atol=1e-5) and torch.allclose(whole, swapped, atol=1e-5)
+    assert min((half[0] - plain[0]).abs().mean(), (half[0] - swapped[0]).abs().mean()) > 1e-5
+
+
+def test_noisy_bottleneck_perturbs_every_sample_by_its_own_scale():
+    from toy import probe
+
+    h = torch.stack([torch.full((3, 4, 4), 1.0), torch.full((3, 4, 4), 100.0)])
+    torch.manual_seed(0)
+    same, _ = probe.NoisyBottleneck(0.0)(h, None, {"block": ("output", 0)})
+    later, _ = probe.NoisyBottleneck(0.5)(h, None, {"block": ("output", 1)})
+    noisy, _ = probe.NoisyBottleneck(0.5)(h, None, {"block": ("output", 0)})
+    assert torch.equal(same, h) and torch.equal(later, h)
+    spread = (noisy - h).std(dim=(1, 2, 3))
+    assert 0.3 < spread[0] < 0.7 and 30 < spread[1] < 70, spread
 
 
 def test_committed_model_takes_little_of_its_layout_from_the_bottleneck(toy, comfy):
@@ -149,6 +176,10 @@ def test_committed_model_takes_little_of_its_layout_from_the_bottleneck(toy, com
     dragnoise = importlib.import_module("ComfyUI-DragNoise.dragnoise")
     (moved,) = probe.truth_substitution(dragnoise, model, vae, positive, cases=1)
     assert abs(moved) < 0.2, moved
+    # The motion loss's gradient does not head for the moved scene's bottleneck (0.15-0.45 on the
+    # --moved-interpolate model of toy/README.md).
+    (alignment,) = probe.motion_alignment(dragnoise, model, vae, positive, radii=(1, 12), cases=1)
+    assert len(alignment) == 2 and all(abs(c) < 0.1 for c in alignment), alignment
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,32 @@ EDIT_TIMESTEP = 681  # DDIM step 35 of 50 (inversion strength 0.7) on SD1.5's sc
 
 class SwapBottleneck:
     """``output_block_patch``: the first ``k`` samples of the batch continue from the bottleneck of
-    the last ``k`` (their own skips unchanged)."""
+    the last ``k`` (their own skips unchanged), or, given ``mix`` ([k] in [0, 1]), from their own
+    bottleneck moved that share of the way to the last ``k``'s."""
 
-    def __init__(self, k):
-        self.k = k
+    def __init__(self, k, mix=None):
+        self.k, self.mix = k, mix
 
     def __call__(self, h, hsp, transformer_options):
         if self.k and transformer_options.get("block") == ("output", 0):
-            h = torch.cat([h[-self.k:], h[self.k:]])
+            first, last = h[:self.k], h[-self.k:]
+            if self.mix is not None:
+                last = first + self.mix.to(h)[:, None, None, None] * (last - first)
+            h = torch.cat([last, h[self.k:]])
+        return h, hsp
+
+
+class NoisyBottleneck:
+    """``output_block_patch``: adds Gaussian noise of ``sigma`` times each sample's own RMS to its
+    bottleneck (training only: the decoder learns to shrug off directions no scene moves it in)."""
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+    def __call__(self, h, hsp, transformer_options):
+        if self.sigma and transformer_options.get("block") == ("output", 0):
+            rms = h.detach().float().square().mean(dim=(1, 2, 3), keepdim=True).sqrt().to(h)
+            h = h + self.sigma * rms * torch.randn_like(h)
         return h, hsp
 
 
@@ -75,6 +93,25 @@ def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0):
     return float(shares.mean())
 
 
+def _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength):
+    """Yields (scene, index, drag (dx, dy), A's inversion, B's inversion) for ``cases`` moved pairs."""
+    rng = np.random.default_rng(seed)
+    for _ in range(cases):
+        scene, index, moved = moved_pair(rng, toy_model.IMAGE_SIZE)
+        drag = tuple(np.subtract(moved.objects[-1].center, scene.objects[index].center))
+        with torch.inference_mode():
+            a, b = (dragnoise.inversion.ddim_invert(model, vae.encode(torch.from_numpy(s.render())[None]), positive,
+                                                    50, strength)[1] for s in (scene, moved))
+        yield scene, index, drag, a, b
+
+
+def _encoder_state(dragnoise, model, inversion):
+    with torch.inference_mode(False), torch.no_grad():
+        return dragnoise.features.run_encoder(model, model.model.diffusion_model, inversion.noisy_latent,
+                                              inversion.timestep, inversion.edit_sigma,
+                                              inversion.positive[0][0]).detached_copy()
+
+
 def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strength=0.7, halt_step=10):
     """The best any bottleneck optimization could do: the moved fraction (toy/measure.py) of the
     dragged object when A's propagation (from A's DDIM inversion, to ``halt_step``) is given the
@@ -87,25 +124,49 @@ def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strengt
     import dataclasses
     import json
 
-    rng = np.random.default_rng(seed)
     moved_fractions = []
-    for _ in range(cases):
-        scene, index, moved = moved_pair(rng, toy_model.IMAGE_SIZE)
-        drag = np.subtract(moved.objects[-1].center, scene.objects[index].center)
+    for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength):
         with torch.inference_mode():
-            a, b = (dragnoise.inversion.ddim_invert(model, vae.encode(torch.from_numpy(s.render())[None]), positive,
-                                                    50, strength)[1] for s in (scene, moved))
             # A drag of length zero: A's own bottleneck, unoptimized, in a DragEdit to substitute into.
             still = json.dumps([{"handle": list(scene.objects[index].center), "target": list(scene.objects[index].center)}])
             edit = dragnoise.optimize.optimize_bottleneck(model, a, dragnoise.points.parse_points(still, scene.size, scene.size))
-        with torch.inference_mode(False), torch.no_grad():
-            b_state = dragnoise.features.run_encoder(model, model.model.diffusion_model, b.noisy_latent, b.timestep,
-                                                     b.edit_sigma, positive[0][0])
-        edit = dataclasses.replace(edit, bottleneck=b_state.bottleneck.float().cpu())
+        edit = dataclasses.replace(edit, bottleneck=_encoder_state(dragnoise, model, b).bottleneck.float().cpu())
         with torch.inference_mode():
             image = vae.decode(dragnoise.propagation.propagated_sample(model, a, edit, halt_step))[0].numpy()
-        moved_fractions.append(measure.score_drag(scene, index, tuple(drag), image)["moved_fraction"])
+        moved_fractions.append(measure.score_drag(scene, index, drag, image)["moved_fraction"])
     return moved_fractions
+
+
+def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3, seed=5, strength=0.7):
+    """Whether the first step of Bottleneck Optimize heads for the truly moved scene: the cosine
+    between minus the gradient of the motion loss (handle on the object's centre, one feature pixel
+    toward the target, patch radius r, supervision at up_blocks.2) with respect to A's bottleneck
+    and B's bottleneck minus A's. Near 0: the loss leads elsewhere. One row of ``radii`` per case.
+    """
+    import torch.nn.functional as F
+
+    feat = dragnoise.features
+    scale = dragnoise.optimize.FEATURE_SCALE
+    rows = []
+    for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength):
+        enc, truth = _encoder_state(dragnoise, model, a), _encoder_state(dragnoise, model, b).bottleneck
+        decoder = feat.Decoder(model.model.diffusion_model, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], False)
+        handle = torch.tensor(scene.objects[index].center[::-1]) / scale  # (row, col) on the feature grid
+        step = torch.tensor(drag[::-1], dtype=torch.float32)
+        step = step / step.norm()
+        row = []
+        for radius in radii:
+            with torch.inference_mode(False), feat.autograd_weights(decoder.modules()), \
+                    feat.backward_safe(decoder.modules(), "norm inputs"):
+                s = enc.bottleneck.clone().requires_grad_(True)
+                feature = F.interpolate(decoder(s, enc)[0].float(), size=(scene.size // scale,) * 2, mode="bilinear",
+                                        align_corners=False)
+                sample = dragnoise.optimize.sample_patch
+                F.l1_loss(sample(feature, handle + step, radius), sample(feature, handle, radius).detach()).backward()
+            direction = (truth - enc.bottleneck).flatten()
+            row.append(float(-s.grad.flatten() @ direction / (s.grad.norm() * direction.norm()).clamp_min(1e-12)))
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
@@ -128,6 +189,9 @@ def main(argv=None):
     moved = truth_substitution(dragnoise, model, vae, positive, args.cases)
     print("truly moved scene's bottleneck propagated: the object moved "
           + ", ".join(f"{100 * m:.0f}%" for m in moved) + " of the drag")
+    rows = motion_alignment(dragnoise, model, vae, positive, cases=args.cases)
+    print("motion loss's first step toward the truly moved bottleneck (cosine), patch radius 1 / 4 / 12: "
+          + "; ".join(" / ".join(f"{c:.2f}" for c in row) for row in rows))
 
 
 if __name__ == "__main__":

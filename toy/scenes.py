@@ -124,3 +124,10 @@ def moved_pair(rng, size=256, max_shift=1 / 3):
     target = np.clip(np.add(obj.center, rng.uniform(-size * max_shift, size * max_shift, size=2)),
                      obj.radius, size - obj.radius)
     return scene, index, scene.with_object_moved(index, *(target - np.asarray(obj.center)))
+
+
+def moved_part_way(scene, index, moved, share):
+    """``scene`` with object ``index`` moved ``share`` (0-1) of the way to where ``moved`` (from
+    ``moved_pair``) has it: the intermediate positions of a drag."""
+    shift = np.subtract(moved.objects[-1].center, scene.objects[index].center) * share
+    return scene.with_object_moved(index, *shift)

@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import comfy_env  # noqa: E402
 from toy import model as toy_model  # noqa: E402
-from toy.probe import SwapBottleneck, alphas_cumprod, bottleneck_share  # noqa: E402
-from toy.scenes import moved_pair, random_scene  # noqa: E402
+from toy.probe import NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_share  # noqa: E402
+from toy.scenes import moved_pair, moved_part_way, random_scene  # noqa: E402
 
 
 class SceneSource:
@@ -56,14 +56,18 @@ class SceneSource:
         return np.stack([self._augment([random_scene(self.rng, toy_model.IMAGE_SIZE).render()], crop)[0]
                          for _ in range(n)])
 
-    def moved_pairs(self, n, crop=None):
-        """Two [n, crop, crop, 3] arrays: scenes, and the same scenes with one object moved by up to
-        a third of the image (same crop, rotation and flip)."""
-        pairs = []
+    def moved_pairs(self, n, crop=None, interpolate=False):
+        """Three [n, crop, crop, 3] arrays and [n] shares: scenes, the same scenes with one object
+        moved by up to a third of the image, and with it moved a random share of that way (all the
+        way unless ``interpolate``); same crop, rotation and flip."""
+        pairs, shares = [], []
         for _ in range(n):
-            scene, _, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE)
-            pairs.append(self._augment([scene.render(), moved.render()], crop))
-        return tuple(np.stack(p) for p in zip(*pairs))
+            scene, index, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE)
+            share = float(self.rng.uniform(0, 1)) if interpolate else 1.0
+            partial = moved_part_way(scene, index, moved, share)
+            pairs.append(self._augment([scene.render(), moved.render(), partial.render()], crop))
+            shares.append(share)
+        return tuple(np.stack(p) for p in zip(*pairs)) + (torch.tensor(shares),)
 
     def _augment(self, images, crop):
         """The same random crop (on the latent grid), rotation and flip of every image."""
@@ -126,7 +130,7 @@ def hold_skips_at_zero(unet, blocks):
 
 
 def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, backward_safe,
-               moved_fraction=0.0, moved_min_t=300, moved_lag=0):
+               moved_fraction=0.0, moved_min_t=300, moved_lag=0, moved_interpolate=False, bottleneck_noise=0.0):
     """eps-MSE at uniform random timesteps; returns the EMA weights.
 
     With ``moved_fraction`` > 0, that share of each batch are *moved pairs*: a scene A, and B, A
@@ -134,7 +138,12 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
     ``moved_lag`` steps noisier (DragNoise propagates the edit step's bottleneck to later steps). A's
     sample runs on A's noisy latent and skips but B's bottleneck, and learns to predict the
     noise that makes its x0 estimate B's: the decoder takes the layout from the bottleneck and
-    the noise from the skips. B's sample is an ordinary one.
+    the noise from the skips. B's sample is an ordinary one. With ``moved_interpolate``, A's
+    sample gets its own bottleneck moved a random share s of the way to B's, and learns to predict
+    A with the object moved s of the way: the decoder becomes smooth along that line, so small
+    steps of the bottleneck move the object a little (what a gradient-based drag needs).
+    ``bottleneck_noise`` adds noise of that many times its RMS to every bottleneck, so that
+    directions no scene moves the bottleneck in change little downstream.
     """
     ab = alphas_cumprod()
     context = toy_model.default_conditioning()
@@ -148,9 +157,10 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
         n = full_batch if full else batch
         crop = None if full else 128
         k = min(n // 2, round(n * moved_fraction / 2))
-        scenes, moved = source.moved_pairs(k, crop) if k else ((), ())
+        scenes, moved, partial, shares = source.moved_pairs(k, crop, moved_interpolate) if k else ((), (), (), None)
         images = np.concatenate([x for x in (scenes, source.images(n - 2 * k, crop), moved) if len(x)])
         z0 = toy_model.scene_latent(images)
+        goal = toy_model.scene_latent(partial) if k and moved_interpolate else z0[-k:]
         t = torch.randint(0, 1000, (n,))
         eps = torch.randn_like(z0)
         if k:
@@ -161,11 +171,12 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         target, weight = eps.clone(), torch.ones_like(a)
         if k:
-            target[:k] = (zt[:k] - a[:k].sqrt() * z0[-k:]) / (1 - a[:k]).sqrt()
+            target[:k] = (zt[:k] - a[:k].sqrt() * goal) / (1 - a[:k]).sqrt()
             # eps-MSE weighs x0 errors by a/(1-a), next to nothing at the edit step (0.1 at t=681),
             # so the moved pairs are weighed as x0 errors instead (capped).
             weight[:k] = ((1 - a[:k]) / a[:k]).clamp(1, 10)
-        options = {"patches": {"output_block_patch": [SwapBottleneck(k)]}}
+        options = {"patches": {"output_block_patch": [SwapBottleneck(k, shares if moved_interpolate else None),
+                                                      NoisyBottleneck(bottleneck_noise)]}}
         with backward_safe(unet, "norm inputs"):
             pred = unet(zt, timesteps=t.float(), context=context.expand(n, -1, -1), transformer_options=options)
             loss = (weight * (pred - target) ** 2).mean()
@@ -197,6 +208,10 @@ def main(argv=None):
     parser.add_argument("--moved-lag", type=int, default=0,
                         help="how many timesteps noisier a moved pair's bottleneck may be than its sample")
     parser.add_argument("--moved-min-t", type=int, default=300, help="the lowest timestep of a moved pair")
+    parser.add_argument("--moved-interpolate", action="store_true",
+                        help="moved pairs mix the two bottlenecks by a random share and predict the object moved that share of the way")
+    parser.add_argument("--bottleneck-noise", type=float, default=0.0,
+                        help="noise added to every bottleneck while training, times its RMS")
     parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="a few steps of each phase (smoke test)")
@@ -220,7 +235,7 @@ def main(argv=None):
     hold_skips_at_zero(unet, range(args.skipless_blocks))
     ema = train_unet(unet, SceneSource(args.seed + 2), args.unet_steps, args.unet_steps - args.full_steps,
                      args.batch, max(1, args.batch // 4), 1e-3, start, dragnoise.features.backward_safe,
-                     args.moved_pairs, args.moved_min_t, args.moved_lag)
+                     args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise)
     unet.load_state_dict(ema)
     share = bottleneck_share(unet.eval())
     log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
@@ -228,6 +243,7 @@ def main(argv=None):
         "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag,
+        "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
         "bottleneck_share": round(share, 3), "init": args.init or "", "seconds": round(time.time() - start)})
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", start)
 
