@@ -97,6 +97,20 @@ def sample_patch(feature, center, radius):
     return patch[0].flatten(1)
 
 
+def motion_loss(feature, handle, step, radius):
+    """The motion supervision of one handle: the patch one ``step`` toward the target is pulled
+    toward the (detached) patch at the handle, so the content under the handle moves by ``step``.
+
+    Args:
+        feature: [1, C, H, W] supervision feature; handle, step: [2] float (row, col) on its grid.
+    Returns:
+        scalar: L1 over the (2r+1)^2 patch, summed over the patch's positions.
+    """
+    moved = sample_patch(feature, handle + step, radius)
+    fixed = sample_patch(feature, handle, radius).detach()
+    return (2 * radius + 1) ** 2 * F.l1_loss(moved, fixed)
+
+
 def track_handles(feature, handle_features, handles, radius):
     """Moves each handle to the best match of its original feature in a window around it.
 
@@ -301,10 +315,7 @@ def _optimize(start, forward, modules, points, mask_latent, settings, dtype):
             if remaining[i] < settings.stop_distance:
                 continue
             p = handles[i].float()
-            d = (targets[i].float() - p) / remaining[i]
-            moved = sample_patch(feature, p + d, rm)
-            fixed = sample_patch(feature, p, rm).detach()
-            motion = motion + (2 * rm + 1) ** 2 * F.l1_loss(moved, fixed)
+            motion = motion + motion_loss(feature, p, (targets[i].float() - p) / remaining[i], rm)
         mask_term = feature.new_zeros(())
         if keep is not None:
             mask_term = settings.mask_lambda * ((z_prev - z_prev0) * keep).abs().sum()

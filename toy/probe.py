@@ -22,7 +22,7 @@ sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow Comf
 
 from toy import measure  # noqa: E402
 from toy import model as toy_model  # noqa: E402
-from toy.scenes import moved_pair  # noqa: E402
+from toy.scenes import moved_pair, pair_drag  # noqa: E402
 
 EDIT_TIMESTEP = 681  # DDIM step 35 of 50 (inversion strength 0.7) on SD1.5's schedule
 
@@ -98,7 +98,7 @@ def _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength):
     rng = np.random.default_rng(seed)
     for _ in range(cases):
         scene, index, moved = moved_pair(rng, toy_model.IMAGE_SIZE)
-        drag = tuple(np.subtract(moved.objects[-1].center, scene.objects[index].center))
+        drag = pair_drag(scene, index, moved)
         with torch.inference_mode():
             a, b = (dragnoise.inversion.ddim_invert(model, vae.encode(torch.from_numpy(s.render())[None]), positive,
                                                     50, strength)[1] for s in (scene, moved))
@@ -154,6 +154,7 @@ def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3,
         handle = torch.tensor(scene.objects[index].center[::-1]) / scale  # (row, col) on the feature grid
         step = torch.tensor(drag[::-1], dtype=torch.float32)
         step = step / step.norm()
+        direction = (truth - enc.bottleneck).flatten()
         row = []
         for radius in radii:
             with torch.inference_mode(False), feat.autograd_weights(decoder.modules()), \
@@ -161,9 +162,7 @@ def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3,
                 s = enc.bottleneck.clone().requires_grad_(True)
                 feature = F.interpolate(decoder(s, enc)[0].float(), size=(scene.size // scale,) * 2, mode="bilinear",
                                         align_corners=False)
-                sample = dragnoise.optimize.sample_patch
-                F.l1_loss(sample(feature, handle + step, radius), sample(feature, handle, radius).detach()).backward()
-            direction = (truth - enc.bottleneck).flatten()
+                dragnoise.optimize.motion_loss(feature, handle, step, radius).backward()
             row.append(float(-s.grad.flatten() @ direction / (s.grad.norm() * direction.norm()).clamp_min(1e-12)))
         rows.append(row)
     return rows

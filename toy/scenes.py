@@ -126,8 +126,13 @@ def moved_pair(rng, size=256, max_shift=1 / 3):
     return scene, index, scene.with_object_moved(index, *(target - np.asarray(obj.center)))
 
 
+def pair_drag(scene, index, moved):
+    """(dx, dy) pixels from object ``index`` in ``scene`` to where ``moved`` (from ``moved_pair``)
+    has it (drawn last)."""
+    return tuple(float(v) for v in np.subtract(moved.objects[-1].center, scene.objects[index].center))
+
+
 def moved_part_way(scene, index, moved, share):
     """``scene`` with object ``index`` moved ``share`` (0-1) of the way to where ``moved`` (from
     ``moved_pair``) has it: the intermediate positions of a drag."""
-    shift = np.subtract(moved.objects[-1].center, scene.objects[index].center) * share
-    return scene.with_object_moved(index, *shift)
+    return scene.with_object_moved(index, *(np.multiply(pair_drag(scene, index, moved), share)))

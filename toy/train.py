@@ -63,11 +63,16 @@ class SceneSource:
         pairs, shares = [], []
         for _ in range(n):
             scene, index, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE)
-            share = float(self.rng.uniform(0, 1)) if interpolate else 1.0
-            partial = moved_part_way(scene, index, moved, share)
-            pairs.append(self._augment([scene.render(), moved.render(), partial.render()], crop))
-            shares.append(share)
-        return tuple(np.stack(p) for p in zip(*pairs)) + (torch.tensor(shares),)
+            images = [scene.render(), moved.render()]
+            if interpolate:
+                shares.append(float(self.rng.uniform(0, 1)))
+                images.append(moved_part_way(scene, index, moved, shares[-1]).render())
+            pairs.append(self._augment(images, crop))
+        arrays = [np.stack(p) for p in zip(*pairs)]
+        if not interpolate:  # moved all the way: the part-way images are the moved ones
+            arrays.append(arrays[1])
+            shares = [1.0] * n
+        return tuple(arrays) + (torch.tensor(shares),)
 
     def _augment(self, images, crop):
         """The same random crop (on the latent grid), rotation and flip of every image."""
