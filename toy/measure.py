@@ -2,7 +2,8 @@
 scene against the truth that ``toy/scenes.py`` knows. Pure numpy.
 
 Every pixel of an output image is labelled with the nearest of the scene's colours: the
-background's own colour at that pixel or one of the objects' colours. The dragged object's
+background's own colour at that pixel or one of the objects' colours (for a shaded object, the
+nearest of its shades). The dragged object's
 pixels are those labelled with its colour; their centroid is where it is.
 """
 
@@ -14,7 +15,7 @@ def labels(image, scene):
     nearest object colour. ``image``: [H, W, 3] float in [0, 1]."""
     background = type(scene)(scene.size, scene.background, []).render()
     distances = [np.linalg.norm(image - background, axis=-1)]
-    distances += [np.linalg.norm(image - np.asarray(o.colour, np.float32), axis=-1) for o in scene.objects]
+    distances += [_distance_to_shades(image, *o.colour_range()) for o in scene.objects]
     return np.argmin(np.stack(distances), axis=0) - 1
 
 
@@ -71,6 +72,13 @@ def score_drag(scene, index, drag, output, source=None, editable=None):
         "others_mae": float(change[others].mean()) if others.any() else None,
         "psnr_to_truth": float(10 * np.log10(1 / max(mse, 1e-10))),
     }
+
+
+def _distance_to_shades(image, light, dark):
+    """[H, W] RGB distance from each pixel to the nearest colour between ``light`` and ``dark``."""
+    span = light - dark
+    share = np.clip(((image - dark) @ span) / max(float(span @ span), 1e-12), 0, 1)
+    return np.linalg.norm(image - (dark + share[..., None] * span), axis=-1)
 
 
 def _dilate(mask, radius):

@@ -1,9 +1,10 @@
-"""Synthetic scenes: a few flat-coloured objects (discs, squares, blobs) on varied backgrounds,
-with every object's position known, so a drag can be scored against the truth.
+"""Synthetic scenes: a few objects (discs, squares, blobs), flat-coloured or shaded, on varied
+backgrounds, with every object's position known, so a drag can be scored against the truth.
 
 Pure numpy and Pillow; no ComfyUI. Images are float32 [H, W, 3] in [0, 1].
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,13 +15,18 @@ KINDS = ("disc", "square", "blob")
 @dataclass
 class SceneObject:
     """One object. ``center`` (x, y) and ``radius`` in pixels; ``colour`` RGB in [0, 1];
-    ``angle`` rotates squares and blobs; ``lobes`` shapes a blob's outline."""
+    ``angle`` rotates squares and blobs; ``lobes`` shapes a blob's outline. ``shading`` (0-1)
+    darkens the object away from a highlight offset from its centre toward ``light`` (an angle):
+    a shaded object's interior differs from point to point, so a feature patch inside it has
+    something to match (a flat interior matches itself everywhere)."""
     kind: str
     center: tuple
     radius: float
     colour: tuple
     angle: float = 0.0
     lobes: tuple = ()
+    shading: float = 0.0
+    light: float = 0.0
 
     def mask(self, size, center=None):
         """[size, size] bool: the pixels the object covers (at ``center`` if given)."""
@@ -39,8 +45,19 @@ class SceneObject:
         return np.hypot(u, v) <= edge
 
     def moved(self, dx, dy):
-        return SceneObject(self.kind, (self.center[0] + dx, self.center[1] + dy), self.radius, self.colour,
-                           self.angle, self.lobes)
+        return dataclasses.replace(self, center=(self.center[0] + dx, self.center[1] + dy))
+
+    def colours(self, size):
+        """[size, size, 3] float32: the object's colour at every pixel (shading included)."""
+        y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+        hx = self.center[0] + 0.45 * self.radius * np.cos(self.light)
+        hy = self.center[1] + 0.45 * self.radius * np.sin(self.light)
+        darkening = np.clip(np.hypot(x - hx, y - hy) / (1.45 * self.radius), 0, 1) * self.shading
+        return (1 - darkening)[..., None] * np.asarray(self.colour, np.float32)
+
+    def colour_range(self):
+        """(lightest, darkest) RGB the object takes: a flat object's are equal."""
+        return np.asarray(self.colour, np.float32), np.asarray(self.colour, np.float32) * (1 - self.shading)
 
 
 @dataclass
@@ -57,7 +74,8 @@ class Scene:
         ramp = np.clip((np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5)) + 0.5, 0, 1)[..., None]
         image = (1 - ramp) * np.asarray(a, np.float32) + ramp * np.asarray(b, np.float32)
         for obj in self.objects:
-            image[obj.mask(self.size)] = obj.colour
+            mask = obj.mask(self.size)
+            image[mask] = obj.colours(self.size)[mask] if obj.shading else obj.colour
         return image.astype(np.float32)
 
     def with_object_moved(self, index, dx, dy):
@@ -83,10 +101,10 @@ def _hsv_to_rgb(h, s, v):
     return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
-def random_scene(rng, size=256, n_objects=None, kinds=KINDS):
+def random_scene(rng, size=256, n_objects=None, kinds=KINDS, shaded=False):
     """A random scene: a muted gradient background and 1-3 non-overlapping objects, each from an
     eighth to a fifth of the image across, whose colours stand out from the background and from
-    each other.
+    each other; with ``shaded``, every object is shaded by one light (0.3-0.5 darker at its far side).
 
     Args:
         rng: ``numpy.random.Generator``.
@@ -112,13 +130,16 @@ def random_scene(rng, size=256, n_objects=None, kinds=KINDS):
         colour = _colour(rng, avoid=[a, b] + [o.colour for o in objects])
         objects.append(SceneObject(kind, center, radius, colour, float(rng.uniform(0, np.pi / 2)),
                                    lobes if kind == "blob" else ()))
+    if shaded:  # drawn after the objects, so unshaded scenes stay what they were for a seed
+        light = float(rng.uniform(0, 2 * np.pi))
+        objects = [dataclasses.replace(o, shading=float(rng.uniform(0.3, 0.5)), light=light) for o in objects]
     return Scene(size, background, objects)
 
 
-def moved_pair(rng, size=256, max_shift=1 / 3):
+def moved_pair(rng, size=256, max_shift=1 / 3, shaded=False):
     """A random scene, the index of one of its objects, and the scene with that object moved by up
     to ``max_shift`` of the image along each axis (kept inside the image)."""
-    scene = random_scene(rng, size)
+    scene = random_scene(rng, size, shaded=shaded)
     index = int(rng.integers(len(scene.objects)))
     obj = scene.objects[index]
     target = np.clip(np.add(obj.center, rng.uniform(-size * max_shift, size * max_shift, size=2)),
