@@ -42,6 +42,25 @@ def test_score_of_the_ideal_result_and_of_no_edit():
     assert measure.score_drag(scene, 0, drag, spoiled)["outside_mae"] > 1
 
 
+def test_shaded_objects_vary_inside_and_are_still_found():
+    flat = a_scene(8, n_objects=3)
+    scene = scenes.random_scene(np.random.default_rng(8), n_objects=3, shaded=True)
+    # Shading is drawn after the layout, so a seed gives the same objects with or without it.
+    assert [o.center for o in scene.objects] == [o.center for o in flat.objects]
+    image = scene.render()
+    for i, obj in enumerate(scene.objects):
+        inside = image[obj.mask(scene.size)]
+        light, dark = obj.colour_range()
+        assert 0.3 <= obj.shading <= 0.5 and inside.std(0).max() > 0.02  # no longer flat
+        assert np.allclose(inside.max(0), light, atol=0.02) and (inside >= dark - 1e-6).all()
+        assert (measure.labels(image, scene)[obj.mask(scene.size)] == i).mean() > 0.95
+        x, y = measure.centroid(image, scene, i)
+        assert abs(x - obj.center[0]) < 1.5 and abs(y - obj.center[1]) < 1.5
+    # A moved object keeps its shading, which moves with it.
+    moved = scene.with_object_moved(0, 20, -10)
+    assert np.allclose(moved.objects[-1].colours(256)[110, 120], scene.objects[0].colours(256)[120, 100])
+
+
 def test_scene_latent_layout():
     images = np.stack([a_scene(s).render() for s in range(4)])
     z = toy_model.scene_latent(images)
@@ -100,15 +119,21 @@ def run_quick(script, out, timeout, *args):
 def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     import safetensors
 
+    from toy import probe
+
     out = tmp_path / "toy.safetensors"
-    run = run_quick("toy/train.py", out, 600, "--moved-pairs", "0.5", "--skipless-blocks", "11", "--moved-interpolate")
-    assert "unet step 4/4" in run.stdout and "moved pairs" in run.stdout
+    run = run_quick("toy/train.py", out, 600, "--moved-pairs", "0.5", "--skipless-blocks", "11", "--moved-interpolate",
+                    "--shaded", "--bottleneck-rms", "1")
+    assert "unet step 4/4" in run.stdout and "moved pairs" in run.stdout and "bottleneck rescaled" in run.stdout
     with torch.inference_mode():
         model, vae, _ = toy_model.load(str(out))
     assert model.model.diffusion_model.model_channels == 32
     with safetensors.safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["moved_pairs"] == "0.5" and meta["skipless_blocks"] == "11" and meta["moved_interpolate"] == "True"
+    assert meta["shaded"] == "True" and meta["bottleneck_rms"] == "1.0" and float(meta["trained_bottleneck_rms"]) > 0
+    with torch.inference_mode():
+        assert probe.bottleneck_rms(model.model.diffusion_model, shaded=True) == pytest.approx(1.0, rel=0.02)
     assert np.isfinite(float(meta["bottleneck_share"]))
 
 
@@ -160,6 +185,31 @@ def test_noisy_bottleneck_perturbs_every_sample_by_its_own_scale():
     assert torch.equal(same, h) and torch.equal(later, h)
     spread = (noisy - h).std(dim=(1, 2, 3))
     assert 0.3 < spread[0] < 0.7 and 30 < spread[1] < 70, spread
+
+
+def test_bottleneck_scale_keeps_the_bottlenecks_mean_square():
+    from toy import probe
+
+    h = torch.stack([torch.full((3, 4, 4), 2.0), torch.full((3, 4, 4), -3.0)])
+    scale = probe.BottleneckScale()
+    scale(h * 10, None, {"block": ("output", 1)})  # a later block's input is not the bottleneck
+    assert scale.mean_square is None
+    out, _ = scale(h, None, {"block": ("output", 0)})
+    assert out is h and torch.allclose(scale.mean_square, torch.tensor([4.0, 9.0]))
+
+
+def test_rescaling_the_bottleneck_changes_nothing_else(comfy):
+    from toy import probe
+
+    with torch.inference_mode():
+        unet = toy_model.load()[0].model.diffusion_model
+        z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+        run = lambda: unet(z, timesteps=torch.tensor([681.0, 200.0]), context=toy_model.default_conditioning().expand(2, -1, -1))
+        before, rms = run(), probe.bottleneck_rms(unet)
+        toy_model.rescale_bottleneck(unet, 0.1)
+        after = run()
+        assert probe.bottleneck_rms(unet) == pytest.approx(0.1 * rms, rel=1e-4)
+    assert (after - before).abs().max() < 1e-4 * before.abs().max()
 
 
 def test_committed_model_takes_little_of_its_layout_from_the_bottleneck(toy, comfy):

@@ -102,6 +102,52 @@ def _init(module, seed):
             p.zero_()
 
 
+@torch.no_grad()
+def rescale_bottleneck(unet, factor):
+    """Multiplies the bottleneck (the mid block's output) by ``factor`` without changing what the
+    U-Net computes (up to GroupNorm's eps): a reparametrization.
+
+    From the lowest level's downsampling on, every residual branch starts with a normalization
+    and ends with a linear layer, so scaling the downsampling convolution and each branch's last
+    layer scales the whole residual stream through the mid block. The decoder's first three blocks
+    read that stream (the bottleneck and the lowest level's skips) through a GroupNorm, blind to
+    the scale, and a 1x1 convolution, whose weights on those channels are divided by ``factor``.
+    Why: Bottleneck Optimize's Adam moves each bottleneck value by about the learning rate per
+    step, so the bottleneck's scale decides how far a drag can reach in its steps.
+
+    Args:
+        unet: the toy's ``UNetModel`` (SD1.5 block layout), changed in place.
+    """
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock
+
+    def scale(layer, weight=True):
+        if weight:
+            layer.weight.mul_(factor)
+        if layer.bias is not None:
+            layer.bias.mul_(factor)
+
+    (down,) = unet.input_blocks[9]
+    assert isinstance(down, Downsample), "expected SD1.5's block layout"
+    scale(down.op)
+    for module in [m for block in unet.input_blocks[10:] for m in block] + list(unet.middle_block):
+        if isinstance(module, ResBlock):
+            scale(module.out_layers[-1])
+            if not isinstance(module.skip_connection, torch.nn.Identity):
+                scale(module.skip_connection, weight=False)  # its input is scaled already
+        elif isinstance(module, SpatialTransformer):
+            scale(module.proj_out)
+    for i, reader in enumerate(unet.output_blocks[:3]):
+        res = reader[0]
+        skip = unet.input_blocks[len(unet.output_blocks) - 1 - i][-1]
+        skip_channels = skip.op.out_channels if isinstance(skip, Downsample) else skip.out_channels
+        inputs = res.in_layers[0].num_channels
+        first = 0 if i == 0 else inputs - skip_channels  # block 0 reads the bottleneck too
+        group = inputs // res.in_layers[0].num_groups
+        assert first % group == 0 and (inputs - skip_channels) % group == 0, "a GroupNorm group mixes scales"
+        res.skip_connection.weight[:, first:].div_(factor)
+
+
 def default_conditioning():
     """The toy's fixed prompt embedding [1, 77, 64] (the model has no text encoder)."""
     gen = torch.Generator().manual_seed(1234)

@@ -22,7 +22,7 @@ sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow Comf
 
 from toy import measure  # noqa: E402
 from toy import model as toy_model  # noqa: E402
-from toy.scenes import moved_pair, pair_drag  # noqa: E402
+from toy.scenes import moved_pair, pair_drag, random_scene  # noqa: E402
 
 EDIT_TIMESTEP = 681  # DDIM step 35 of 50 (inversion strength 0.7) on SD1.5's schedule
 
@@ -41,6 +41,18 @@ class SwapBottleneck:
             if self.mix is not None:
                 last = first + self.mix.to(h)[:, None, None, None] * (last - first)
             h = torch.cat([last, h[self.k:]])
+        return h, hsp
+
+
+class BottleneckScale:
+    """``output_block_patch``: keeps the mean square of the bottleneck (before any swap or noise)
+    in ``mean_square`` ([B])."""
+
+    mean_square = None
+
+    def __call__(self, h, hsp, transformer_options):
+        if transformer_options.get("block") == ("output", 0):
+            self.mean_square = h.float().square().mean(dim=(1, 2, 3))
         return h, hsp
 
 
@@ -65,14 +77,14 @@ def alphas_cumprod():
 
 
 @torch.no_grad()
-def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0):
+def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False):
     """Mean share (see the module docstring) over ``cases`` moved pairs of whole scenes.
 
     Args:
         unet: the toy's ``UNetModel`` (ComfyUI's ``diffusion_model``).
     """
     rng = np.random.default_rng(seed)
-    pairs = [moved_pair(rng, toy_model.IMAGE_SIZE) for _ in range(cases)]
+    pairs = [moved_pair(rng, toy_model.IMAGE_SIZE, shaded=shaded) for _ in range(cases)]
     a_scenes = toy_model.scene_latent(np.stack([a.render() for a, _, _ in pairs]))
     b_scenes = toy_model.scene_latent(np.stack([b.render() for _, _, b in pairs]))
     eps = torch.randn(a_scenes.shape, generator=torch.Generator().manual_seed(seed))
@@ -93,11 +105,26 @@ def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0):
     return float(shares.mean())
 
 
-def _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength):
+@torch.no_grad()
+def bottleneck_rms(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False):
+    """RMS of the bottleneck (mid-block output) at ``timestep`` over ``cases`` noised random scenes."""
+    rng = np.random.default_rng(seed)
+    z0 = toy_model.scene_latent(np.stack([random_scene(rng, toy_model.IMAGE_SIZE, shaded=shaded).render()
+                                          for _ in range(cases)]))
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    ab = alphas_cumprod()[timestep]
+    scale = BottleneckScale()
+    unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, timesteps=torch.full((cases,), float(timestep)),
+         context=toy_model.default_conditioning().expand(cases, -1, -1),
+         transformer_options={"patches": {"output_block_patch": [scale]}})
+    return float(scale.mean_square.mean().sqrt())
+
+
+def _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength, shaded):
     """Yields (scene, index, drag (dx, dy), A's inversion, B's inversion) for ``cases`` moved pairs."""
     rng = np.random.default_rng(seed)
     for _ in range(cases):
-        scene, index, moved = moved_pair(rng, toy_model.IMAGE_SIZE)
+        scene, index, moved = moved_pair(rng, toy_model.IMAGE_SIZE, shaded=shaded)
         drag = pair_drag(scene, index, moved)
         with torch.inference_mode():
             a, b = (dragnoise.inversion.ddim_invert(model, vae.encode(torch.from_numpy(s.render())[None]), positive,
@@ -112,7 +139,7 @@ def _encoder_state(dragnoise, model, inversion):
                                               inversion.positive[0][0]).detached_copy()
 
 
-def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strength=0.7, halt_step=10):
+def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strength=0.7, halt_step=10, shaded=False):
     """The best any bottleneck optimization could do: the moved fraction (toy/measure.py) of the
     dragged object when A's propagation (from A's DDIM inversion, to ``halt_step``) is given the
     bottleneck of B, the truly moved scene, inverted the same way. One number per case.
@@ -125,7 +152,7 @@ def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strengt
     import json
 
     moved_fractions = []
-    for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength):
+    for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength, shaded):
         with torch.inference_mode():
             # A drag of length zero: A's own bottleneck, unoptimized, in a DragEdit to substitute into.
             still = json.dumps([{"handle": list(scene.objects[index].center), "target": list(scene.objects[index].center)}])
@@ -137,7 +164,7 @@ def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strengt
     return moved_fractions
 
 
-def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3, seed=5, strength=0.7):
+def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3, seed=5, strength=0.7, shaded=False):
     """Whether the first step of Bottleneck Optimize heads for the truly moved scene: the cosine
     between minus the gradient of the motion loss (handle on the object's centre, one feature pixel
     toward the target, patch radius r, supervision at up_blocks.2) with respect to A's bottleneck
@@ -148,7 +175,7 @@ def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3,
     feat = dragnoise.features
     scale = dragnoise.optimize.FEATURE_SCALE
     rows = []
-    for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength):
+    for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength, shaded):
         enc, truth = _encoder_state(dragnoise, model, a), _encoder_state(dragnoise, model, b).bottleneck
         decoder = feat.Decoder(model.model.diffusion_model, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], False)
         handle = torch.tensor(scene.objects[index].center[::-1]) / scale  # (row, col) on the feature grid
@@ -177,18 +204,20 @@ def main(argv=None):
     parser.add_argument("--weights", default=toy_model.WEIGHTS)
     parser.add_argument("--cases", type=int, default=3, help="moved pairs for the truth substitution")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--shaded", action="store_true", help="probe on shaded scenes (for a model trained with train.py --shaded)")
     args = parser.parse_args(argv)
     dragnoise = comfy_env.start(pytorch_attention=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, vae, positive = toy_model.load(args.weights)
     with torch.inference_mode():
-        share = bottleneck_share(model.model.diffusion_model)
-    print(f"bottleneck share of the layout at t={EDIT_TIMESTEP}: {share:.3f}")
-    moved = truth_substitution(dragnoise, model, vae, positive, args.cases)
+        share = bottleneck_share(model.model.diffusion_model, shaded=args.shaded)
+        rms = bottleneck_rms(model.model.diffusion_model, shaded=args.shaded)
+    print(f"bottleneck share of the layout at t={EDIT_TIMESTEP}: {share:.3f}; bottleneck RMS {rms:.2f}")
+    moved = truth_substitution(dragnoise, model, vae, positive, args.cases, shaded=args.shaded)
     print("truly moved scene's bottleneck propagated: the object moved "
           + ", ".join(f"{100 * m:.0f}%" for m in moved) + " of the drag")
-    rows = motion_alignment(dragnoise, model, vae, positive, cases=args.cases)
+    rows = motion_alignment(dragnoise, model, vae, positive, cases=args.cases, shaded=args.shaded)
     print("motion loss's first step toward the truly moved bottleneck (cosine), patch radius 1 / 4 / 12: "
           + "; ".join(" / ".join(f"{c:.2f}" for c in row) for row in rows))
 

@@ -22,7 +22,9 @@ Two phases:
    scene and the same scene with one object moved: the decoder sees the first's noisy latent
    and skips with the second's bottleneck and learns to predict the second. With
    ``--skipless-blocks 11 --moved-pairs 0.5`` the bottleneck's share of the layout goes from 0.01
-   to 0.59 (toy/README.md).
+   to 0.59 (toy/README.md). ``--shaded`` trains on shaded objects; ``--bottleneck-rms`` rescales
+   the trained bottleneck exactly (``model.rescale_bottleneck``) so that Adam's learning rate
+   reaches it (both off for the committed weights).
 """
 
 import argparse
@@ -40,20 +42,21 @@ sys.path.insert(0, str(REPO))
 
 from bench import comfy_env  # noqa: E402
 from toy import model as toy_model  # noqa: E402
-from toy.probe import NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_share  # noqa: E402
+from toy.probe import BottleneckScale, NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_rms, bottleneck_share  # noqa: E402
 from toy.scenes import moved_pair, moved_part_way, random_scene  # noqa: E402
 
 
 class SceneSource:
     """Random scenes at the toy's size, rendered on demand from one seeded generator."""
 
-    def __init__(self, seed):
+    def __init__(self, seed, shaded=False):
         self.rng = np.random.default_rng(seed)
+        self.shaded = shaded
 
     def images(self, n, crop=None):
         """[n, crop, crop, 3] float32 images (whole scenes when ``crop`` is None), randomly
         flipped and rotated by multiples of 90 degrees."""
-        return np.stack([self._augment([random_scene(self.rng, toy_model.IMAGE_SIZE).render()], crop)[0]
+        return np.stack([self._augment([random_scene(self.rng, toy_model.IMAGE_SIZE, shaded=self.shaded).render()], crop)[0]
                          for _ in range(n)])
 
     def moved_pairs(self, n, crop=None, interpolate=False):
@@ -62,7 +65,7 @@ class SceneSource:
         way unless ``interpolate``); same crop, rotation and flip."""
         pairs, shares = [], []
         for _ in range(n):
-            scene, index, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE)
+            scene, index, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE, shaded=self.shaded)
             images = [scene.render(), moved.render()]
             if interpolate:
                 shares.append(float(self.rng.uniform(0, 1)))
@@ -180,7 +183,8 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
             # eps-MSE weighs x0 errors by a/(1-a), next to nothing at the edit step (0.1 at t=681),
             # so the moved pairs are weighed as x0 errors instead (capped).
             weight[:k] = ((1 - a[:k]) / a[:k]).clamp(1, 10)
-        options = {"patches": {"output_block_patch": [SwapBottleneck(k, shares if moved_interpolate else None),
+        scale = BottleneckScale()
+        options = {"patches": {"output_block_patch": [scale, SwapBottleneck(k, shares if moved_interpolate else None),
                                                       NoisyBottleneck(bottleneck_noise)]}}
         with backward_safe(unet, "norm inputs"):
             pred = unet(zt, timesteps=t.float(), context=context.expand(n, -1, -1), transformer_options=options)
@@ -194,7 +198,8 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
                 ema[key].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[key].copy_(v)
         if step % 50 == 0 or step == steps - 1:
             swapped = f", moved pairs {torch.nn.functional.mse_loss(pred[:k], target[:k]).item():.4f}" if k else ""
-            log(f"unet step {step + 1}/{steps} ({'32x32' if full else '16x16'}): loss {loss.item():.4f}{swapped}", start)
+            rms = scale.mean_square.mean().sqrt().item()
+            log(f"unet step {step + 1}/{steps} ({'32x32' if full else '16x16'}): loss {loss.item():.4f}{swapped}, bottleneck rms {rms:.2f}", start)
     return ema
 
 
@@ -217,6 +222,9 @@ def main(argv=None):
                         help="moved pairs mix the two bottlenecks by a random share and predict the object moved that share of the way")
     parser.add_argument("--bottleneck-noise", type=float, default=0.0,
                         help="noise added to every bottleneck while training, times its RMS")
+    parser.add_argument("--bottleneck-rms", type=float, default=0.0,
+                        help="after training, rescale the bottleneck to this RMS at the edit step (toy.model.rescale_bottleneck; 0: leave it)")
+    parser.add_argument("--shaded", action="store_true", help="train on shaded objects (scenes.random_scene(shaded=True))")
     parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="a few steps of each phase (smoke test)")
@@ -234,22 +242,27 @@ def main(argv=None):
         unet_sd, vae_sd = toy_model.read(args.init)
         base.diffusion_model.load_state_dict(unet_sd)
         ae.load_state_dict(vae_sd)
-    train_vae(ae, SceneSource(args.seed + 1), args.vae_steps, 16, 1e-3, start)
+    train_vae(ae, SceneSource(args.seed + 1, args.shaded), args.vae_steps, 16, 1e-3, start)
 
     unet = base.diffusion_model.train()
     hold_skips_at_zero(unet, range(args.skipless_blocks))
-    ema = train_unet(unet, SceneSource(args.seed + 2), args.unet_steps, args.unet_steps - args.full_steps,
+    ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded), args.unet_steps, args.unet_steps - args.full_steps,
                      args.batch, max(1, args.batch // 4), 1e-3, start, dragnoise.features.backward_safe,
                      args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise)
     unet.load_state_dict(ema)
-    share = bottleneck_share(unet.eval())
+    share = bottleneck_share(unet.eval(), shaded=args.shaded)
+    rms = bottleneck_rms(unet, shaded=args.shaded)
+    if args.bottleneck_rms:
+        toy_model.rescale_bottleneck(unet, args.bottleneck_rms / rms)
+        log(f"bottleneck rescaled from an RMS of {rms:.2f} to {bottleneck_rms(unet, shaded=args.shaded):.2f}", start)
     log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
-        "bottleneck_share": round(share, 3), "init": args.init or "", "seconds": round(time.time() - start)})
+        "bottleneck_rms": args.bottleneck_rms, "shaded": args.shaded,
+        "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(rms, 3), "init": args.init or "", "seconds": round(time.time() - start)})
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", start)
 
 
