@@ -76,6 +76,14 @@ def alphas_cumprod():
     return torch.cumprod(1 - betas, 0).float()
 
 
+def _predict_noise(unet, zt, timestep, patch):
+    """[B, 4, h, w] the toy U-Net's eps prediction for z_t [B, 4, h, w] at ``timestep``, with the
+    toy's prompt and one ``output_block_patch``."""
+    n = len(zt)
+    return unet(zt, timesteps=torch.full((n,), float(timestep)), context=toy_model.default_conditioning().expand(n, -1, -1),
+                transformer_options={"patches": {"output_block_patch": [patch]}})
+
+
 @torch.no_grad()
 def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False):
     """Mean share (see the module docstring) over ``cases`` moved pairs of whole scenes.
@@ -92,9 +100,7 @@ def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False
 
     def x0_prediction(z0, swap):
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps.repeat(len(z0) // cases, 1, 1, 1)
-        pred = unet(zt, timesteps=torch.full((len(z0),), float(timestep)),
-                    context=toy_model.default_conditioning().expand(len(z0), -1, -1),
-                    transformer_options={"patches": {"output_block_patch": [SwapBottleneck(swap)]}})
+        pred = _predict_noise(unet, zt, timestep, SwapBottleneck(swap))
         return (zt - (1 - ab).sqrt() * pred) / ab.sqrt()
 
     x0_a = x0_prediction(a_scenes, 0)
@@ -114,9 +120,7 @@ def bottleneck_rms(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False):
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     ab = alphas_cumprod()[timestep]
     scale = BottleneckScale()
-    unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, timesteps=torch.full((cases,), float(timestep)),
-         context=toy_model.default_conditioning().expand(cases, -1, -1),
-         transformer_options={"patches": {"output_block_patch": [scale]}})
+    _predict_noise(unet, ab.sqrt() * z0 + (1 - ab).sqrt() * eps, timestep, scale)
     return float(scale.mean_square.mean().sqrt())
 
 
