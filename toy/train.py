@@ -3,7 +3,7 @@
     .venv/bin/python toy/train.py                 # the committed weights: 38 minutes on 2 CPU cores
     .venv/bin/python toy/train.py --quick         # a smoke run of a few steps
 
-Two phases:
+Phases:
 1. VAE (TAESD layout, purely convolutional, so 64 px crops teach it what whole images need):
    the encoder learns the scene latent of ``model.scene_latent`` (MSE) and the decoder paints
    the image back from it (L1).
@@ -25,6 +25,11 @@ Two phases:
    to 0.59 (toy/README.md). ``--shaded`` trains on shaded objects; ``--bottleneck-rms`` rescales
    the trained bottleneck exactly (``model.rescale_bottleneck``) so that Adam's learning rate
    reaches it (both off for the committed weights).
+
+3. Optionally (``--align-steps``, off for the committed weights), a fine-tune that trains the
+   motion loss's gradient itself to head for the moved scene's bottleneck
+   (``train_drag_alignment``): the optimization, not only the decoder, is what has to find the
+   moved object (toy/README.md).
 """
 
 import argparse
@@ -43,7 +48,9 @@ sys.path.insert(0, str(REPO))
 from bench import comfy_env  # noqa: E402
 from toy import model as toy_model  # noqa: E402
 from toy.probe import BottleneckScale, NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_rms, bottleneck_share  # noqa: E402
-from toy.scenes import moved_pair, moved_part_way, random_scene  # noqa: E402
+from toy.scenes import moved_pair, moved_part_way, pair_drag, random_scene  # noqa: E402
+
+FEATURE_SCALE = 2  # image pixels per supervision-feature pixel (dragnoise.optimize.FEATURE_SCALE)
 
 
 class SceneSource:
@@ -76,6 +83,27 @@ class SceneSource:
             arrays.append(arrays[1])
             shares = [1.0] * n
         return tuple(arrays) + (torch.tensor(shares),)
+
+    def drag_cases(self, n):
+        """Moved pairs as a drag sees them, whole scenes, no augmentation: three [n, S, S, 3] arrays
+        (A, B = A with one object moved, A with it moved a random share of the way), the shares
+        [n], the handles [n, 2] (row, col) on the supervision-feature grid (on the object, near its
+        centre, moved that share of the way) and the drag's unit directions [n, 2] (row, col)."""
+        a, b, part, shares, handles, directions = [], [], [], [], [], []
+        for _ in range(n):
+            scene, index, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE, shaded=self.shaded)
+            drag = np.asarray(pair_drag(scene, index, moved))
+            share = float(self.rng.uniform(0, 1))
+            shares.append(share)
+            obj = scene.objects[index]
+            x, y = np.add(obj.center, self.rng.uniform(-0.3, 0.3, size=2) * obj.radius) + share * drag
+            a.append(scene.render())
+            b.append(moved.render())
+            part.append(moved_part_way(scene, index, moved, share).render())
+            handles.append((y / FEATURE_SCALE, x / FEATURE_SCALE))
+            directions.append(drag[::-1] / max(float(np.hypot(*drag)), 1e-6))
+        return (np.stack(a), np.stack(b), np.stack(part), torch.tensor(shares).float(), torch.tensor(handles).float(),
+                torch.tensor(np.stack(directions)).float())
 
     def _augment(self, images, crop):
         """The same random crop (on the latent grid), rotation and flip of every image."""
@@ -203,6 +231,83 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
     return ema
 
 
+class SetBottleneck:
+    """``output_block_patch``: the first ``len(values)`` samples of the batch continue from the
+    bottlenecks ``values`` ([k, C, h, w]) instead of their own."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __call__(self, h, hsp, transformer_options):
+        if transformer_options.get("block") == ("output", 0):
+            h = torch.cat([self.values.to(h), h[len(self.values):]])
+        return h, hsp
+
+
+def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, dragnoise):
+    """Fine-tunes the U-Net so that the motion loss's descent direction heads for the moved scene.
+
+    Per step: ``pairs`` moved pairs (``SceneSource.drag_cases``) at one timestep near the edit
+    step. At A's bottleneck moved a random share s of the way to B's, with the handle moved s of
+    the way, minus the gradient of Bottleneck Optimize's motion loss (patch radius 1, supervision
+    at up_blocks.2) should point along B's bottleneck minus A's: the loss is 1 - their cosine,
+    differentiated through the gradient (double backward; PyTorch's math attention supports it).
+    The same samples, given that part-way bottleneck, learn to predict A with the object moved s
+    of the way (x0-weighted), and ``plain`` ordinary samples keep the rest of the model.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from types import SimpleNamespace
+
+    feat, optimize = dragnoise.features, dragnoise.optimize
+    ab = alphas_cumprod()
+    context = toy_model.default_conditioning()
+    decoder = feat.Decoder(unet, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], with_output=False)
+    grid = (toy_model.IMAGE_SIZE // FEATURE_SCALE,) * 2
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, min(20, steps // 10 + 1))
+        a, b, part, shares, handles, directions = source.drag_cases(pairs)
+        t = int(torch.randint(560, 801, ()))
+        eps = torch.randn((pairs, 4) + (toy_model.IMAGE_SIZE // 8,) * 2)
+        alpha = ab[t]
+        za, zb, zpart = (toy_model.scene_latent(x) for x in (a, b, part))
+        zta, ztb = (alpha.sqrt() * z + (1 - alpha).sqrt() * eps for z in (za, zb))
+        # A bare U-Net has no model patches: run_encoder reads only model_options from its model.
+        enc = feat.run_encoder(SimpleNamespace(model_options={}), unet, torch.cat([zta, ztb]), t, 0.0,
+                               context.expand(2 * pairs, -1, -1)).detached_copy()
+        s_a, s_b = enc.bottleneck.split(pairs)
+        enc_a = feat.EncoderState(s_a, [x[:pairs] for x in enc.skips], enc.emb[:pairs], enc.context[:pairs], None, {})
+        s_part = s_a + shares[:, None, None, None] * (s_b - s_a)
+        with feat.backward_safe(unet, "norm inputs"):
+            with sdpa_kernel(SDPBackend.MATH):
+                s = s_part.clone().requires_grad_(True)
+                feature = torch.nn.functional.interpolate(decoder(s, enc_a)[0].float(), size=grid, mode="bilinear",
+                                                          align_corners=False)
+                motion = sum(optimize.motion_loss(feature[i:i + 1], handles[i], directions[i], 1) for i in range(pairs))
+                (grad,) = torch.autograd.grad(motion, s, create_graph=True)
+                cosine = torch.nn.functional.cosine_similarity(-grad.flatten(1), (s_b - s_a).flatten(1), dim=1)
+            z_plain = toy_model.scene_latent(source.images(plain))
+            t_plain = torch.randint(0, 1000, (plain,))
+            eps_plain = torch.randn_like(z_plain)
+            a_plain = ab[t_plain][:, None, None, None]
+            zt_plain = a_plain.sqrt() * z_plain + (1 - a_plain).sqrt() * eps_plain
+            target = torch.cat([(zta - alpha.sqrt() * zpart) / (1 - alpha).sqrt(), eps_plain])
+            scale = torch.cat([((1 - alpha) / alpha).clamp(1, 10).expand(pairs, 1, 1, 1), torch.ones_like(a_plain)])
+            pred = unet(torch.cat([zta, zt_plain]), timesteps=torch.cat([torch.full((pairs,), t), t_plain]).float(),
+                        context=context.expand(pairs + plain, -1, -1),
+                        transformer_options={"patches": {"output_block_patch": [SetBottleneck(s_part)]}})
+            diffusion = (scale * (pred - target) ** 2).mean()
+            loss = diffusion + weight * (1 - cosine).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            log(f"drag alignment step {step + 1}/{steps}: diffusion loss {diffusion.item():.4f}, "
+                f"cosine {cosine.mean().item():.2f}", start)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=toy_model.WEIGHTS, help="where to write the weights")
@@ -224,6 +329,13 @@ def main(argv=None):
                         help="noise added to every bottleneck while training, times its RMS")
     parser.add_argument("--bottleneck-rms", type=float, default=0.0,
                         help="after training, rescale the bottleneck to this RMS at the edit step (toy.model.rescale_bottleneck; 0: leave it)")
+    parser.add_argument("--align-steps", type=int, default=0,
+                        help="after training (and rescaling), fine-tune this many steps so that the motion loss heads for the "
+                             "moved scene (train_drag_alignment; 0: none)")
+    parser.add_argument("--align-pairs", type=int, default=4, help="moved pairs per drag-alignment step")
+    parser.add_argument("--align-plain", type=int, default=4, help="ordinary samples per drag-alignment step")
+    parser.add_argument("--align-lr", type=float, default=3e-4, help="peak learning rate of the drag alignment")
+    parser.add_argument("--align-weight", type=float, default=1.0, help="weight of 1 - cosine against the diffusion loss")
     parser.add_argument("--shaded", action="store_true", help="train on shaded objects (scenes.random_scene(shaded=True))")
     parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -231,6 +343,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.vae_steps, args.unet_steps, args.full_steps, args.batch = 3, 4, 2, 4
+        args.align_steps, args.align_pairs, args.align_plain = min(args.align_steps, 2), 2, 2
     torch.set_num_threads(args.threads)
     dragnoise = comfy_env.start(pytorch_attention=True)
     torch.manual_seed(args.seed)
@@ -250,18 +363,23 @@ def main(argv=None):
                      args.batch, max(1, args.batch // 4), 1e-3, start, dragnoise.features.backward_safe,
                      args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise)
     unet.load_state_dict(ema)
-    share = bottleneck_share(unet.eval(), shaded=args.shaded)
-    rms = bottleneck_rms(unet, shaded=args.shaded)
+    rms = bottleneck_rms(unet.eval(), shaded=args.shaded)
     if args.bottleneck_rms:
         toy_model.rescale_bottleneck(unet, args.bottleneck_rms / rms)
         log(f"bottleneck rescaled from an RMS of {rms:.2f} to {bottleneck_rms(unet, shaded=args.shaded):.2f}", start)
+    if args.align_steps:
+        train_drag_alignment(unet.train(), SceneSource(args.seed + 3, args.shaded), args.align_steps, args.align_pairs,
+                             args.align_plain, args.align_lr, args.align_weight, start, dragnoise)
+    share = bottleneck_share(unet.eval(), shaded=args.shaded)
     log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
-        "bottleneck_rms": args.bottleneck_rms, "shaded": args.shaded,
+        "bottleneck_rms": args.bottleneck_rms, "shaded": args.shaded, "align_steps": args.align_steps,
+        "align_pairs": args.align_pairs, "align_plain": args.align_plain, "align_lr": args.align_lr,
+        "align_weight": args.align_weight,
         "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(rms, 3), "init": args.init or "", "seconds": round(time.time() - start)})
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", start)
 
