@@ -124,7 +124,7 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
 
     out = tmp_path / "toy.safetensors"
     run = run_quick("toy/train.py", out, 600, "--moved-pairs", "0.5", "--skipless-blocks", "11", "--moved-interpolate",
-                    "--shaded", "--bottleneck-rms", "1", "--align-steps", "2")
+                    "--shaded", "--bottleneck-rms", "1", "--align-steps", "2", "--align-path-steps", "2")
     assert "unet step 4/4" in run.stdout and "moved pairs" in run.stdout and "bottleneck rescaled" in run.stdout
     alignment = re.search(r"drag alignment step 2/2: diffusion loss ([-\d.e]+), cosine ([-\d.e]+)", run.stdout)
     assert alignment and all(np.isfinite(float(v)) for v in alignment.groups()), run.stdout[-2000:]
@@ -135,7 +135,7 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
         meta = f.metadata()
     assert meta["moved_pairs"] == "0.5" and meta["skipless_blocks"] == "11" and meta["moved_interpolate"] == "True"
     assert meta["shaded"] == "True" and meta["bottleneck_rms"] == "1.0" and float(meta["trained_bottleneck_rms"]) > 0
-    assert meta["align_steps"] == "2"
+    assert meta["align_steps"] == "2" and meta["align_path_steps"] == "2"
     rescaled = re.search(r"bottleneck rescaled from an RMS of [\d.]+ to ([\d.]+)", run.stdout)
     assert rescaled and float(rescaled.group(1)) == pytest.approx(1.0, abs=0.02)
     with torch.inference_mode():  # the 2 drag-alignment steps after the rescale move it a little

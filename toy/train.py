@@ -244,7 +244,7 @@ class SetBottleneck:
         return h, hsp
 
 
-def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, dragnoise):
+def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, dragnoise, path_steps=0):
     """Fine-tunes the U-Net so that the motion loss's descent direction heads for the moved scene.
 
     Per step: ``pairs`` moved pairs (``SceneSource.drag_cases``) at one timestep near the edit
@@ -254,6 +254,11 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
     differentiated through the gradient (double backward; PyTorch's math attention supports it).
     The same samples, given that part-way bottleneck, learn to predict A with the object moved s
     of the way (x0-weighted), and ``plain`` ordinary samples keep the rest of the model.
+
+    With ``path_steps`` > 0 the cosine is taken where the optimizer goes, not on that straight
+    line: from the part-way bottleneck, 0 to ``path_steps`` moves of 0.05 times the gradient's sign
+    (five of Adam's steps at the default learning rate while the sign holds), and there the
+    descent direction should point at B's bottleneck.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from types import SimpleNamespace
@@ -279,14 +284,23 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
         s_a, s_b = enc.bottleneck.split(pairs)
         enc_a = feat.EncoderState(s_a, [x[:pairs] for x in enc.skips], enc.emb[:pairs], enc.context[:pairs], None, {})
         s_part = s_a + shares[:, None, None, None] * (s_b - s_a)
+
+        def motion_at(s):
+            feature = torch.nn.functional.interpolate(decoder(s, enc_a)[0].float(), size=grid, mode="bilinear",
+                                                      align_corners=False)
+            return sum(optimize.motion_loss(feature[i:i + 1], handles[i], directions[i], 1) for i in range(pairs))
+
+        s_path = s_part
+        for _ in range(int(torch.randint(0, path_steps + 1, ())) if path_steps else 0):
+            with feat.backward_safe(unet, "norm inputs"):
+                s = s_path.clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(motion_at(s), s)
+            s_path = (s_path - 0.05 * grad.sign()).detach()
         with feat.backward_safe(unet, "norm inputs"):
             with sdpa_kernel(SDPBackend.MATH):
-                s = s_part.clone().requires_grad_(True)
-                feature = torch.nn.functional.interpolate(decoder(s, enc_a)[0].float(), size=grid, mode="bilinear",
-                                                          align_corners=False)
-                motion = sum(optimize.motion_loss(feature[i:i + 1], handles[i], directions[i], 1) for i in range(pairs))
-                (grad,) = torch.autograd.grad(motion, s, create_graph=True)
-                cosine = torch.nn.functional.cosine_similarity(-grad.flatten(1), (s_b - s_a).flatten(1), dim=1)
+                s = s_path.clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(motion_at(s), s, create_graph=True)
+                cosine = torch.nn.functional.cosine_similarity(-grad.flatten(1), (s_b - s_path).flatten(1), dim=1)
             z_plain = toy_model.scene_latent(source.images(plain))
             t_plain = torch.randint(0, 1000, (plain,))
             eps_plain = torch.randn_like(z_plain)
@@ -336,6 +350,8 @@ def main(argv=None):
     parser.add_argument("--align-plain", type=int, default=4, help="ordinary samples per drag-alignment step")
     parser.add_argument("--align-lr", type=float, default=3e-4, help="peak learning rate of the drag alignment")
     parser.add_argument("--align-weight", type=float, default=1.0, help="weight of 1 - cosine against the diffusion loss")
+    parser.add_argument("--align-path-steps", type=int, default=0,
+                        help="take the drag alignment's cosine after up to this many sign moves of 0.05 along the motion loss")
     parser.add_argument("--shaded", action="store_true", help="train on shaded objects (scenes.random_scene(shaded=True))")
     parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -369,7 +385,7 @@ def main(argv=None):
         log(f"bottleneck rescaled from an RMS of {rms:.2f} to {bottleneck_rms(unet, shaded=args.shaded):.2f}", start)
     if args.align_steps:
         train_drag_alignment(unet.train(), SceneSource(args.seed + 3, args.shaded), args.align_steps, args.align_pairs,
-                             args.align_plain, args.align_lr, args.align_weight, start, dragnoise)
+                             args.align_plain, args.align_lr, args.align_weight, start, dragnoise, args.align_path_steps)
     share = bottleneck_share(unet.eval(), shaded=args.shaded)
     log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
     toy_model.save(args.out, unet, ae, metadata={
@@ -379,7 +395,7 @@ def main(argv=None):
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
         "bottleneck_rms": args.bottleneck_rms, "shaded": args.shaded, "align_steps": args.align_steps,
         "align_pairs": args.align_pairs, "align_plain": args.align_plain, "align_lr": args.align_lr,
-        "align_weight": args.align_weight,
+        "align_weight": args.align_weight, "align_path_steps": args.align_path_steps,
         "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(rms, 3), "init": args.init or "", "seconds": round(time.time() - start)})
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", start)
 
