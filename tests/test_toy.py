@@ -37,6 +37,15 @@ def test_score_of_the_ideal_result_and_of_no_edit():
     assert ideal["outside_mae"] == 0 and ideal["psnr_to_truth"] == 100
     unmoved = measure.score_drag(scene, 0, drag, scene.render())
     assert abs(unmoved["moved_fraction"]) < 0.05 and abs(unmoved["error_px"] - np.hypot(*drag)) < 1.5
+    assert ideal["overlap"] > 0.97 and ideal["object_mae"] < 0.5
+    assert unmoved["overlap"] < 0.5 and unmoved["object_mae"] > 20
+    # A shaded object's footprint filled with its darkest shade (a dark blob where it should be)
+    # passes the nearest-colour centroid, but not object_mae.
+    shaded = scenes.random_scene(np.random.default_rng(8), n_objects=3, shaded=True)
+    dark = shaded.with_object_moved(0, *drag).render()
+    dark[shaded.objects[0].moved(*drag).mask(shaded.size)] = shaded.objects[0].colour_range()[1]
+    blob = measure.score_drag(shaded, 0, drag, dark)
+    assert blob["error_px"] < 1.5 and blob["overlap"] > 0.9 and blob["object_mae"] > 20, blob
     # A change of the background away from the object is seen, and only there.
     spoiled = scene.render().copy()
     spoiled[:8] = 1 - spoiled[:8]
@@ -265,6 +274,8 @@ def test_demo_moves_the_object_most_of_the_way(demo_report):
     _, report = demo_report
     assert report["moved_fraction"] > 0.6, report
     assert report["object_error_px"] < 0.4 * np.hypot(*demo.DEMO_DRAG), report
+    # ... as the object, not a blob of a nearby colour (toy/measure.py's overlap and object_mae).
+    assert report["object_overlap"] > 0.5 and report["object_mae"] < 20, report
 
 
 def test_quality_benchmark_quick_mode_computes_its_numbers(tmp_path, comfy):

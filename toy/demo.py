@@ -99,6 +99,7 @@ def run(client, out, max_steps=80, halt_step=10):
         "final_handle": drag["handles"][0], "final_distance_px": drag["final_distances"][0],
         "object_start": score["start"], "object_end": score["end"], "object_expected": score["expected"],
         "moved_fraction": score["moved_fraction"], "object_error_px": score["error_px"],
+        "object_overlap": score["overlap"], "object_mae": score["object_mae"],
         "change_outside_mae": score["outside_mae"], "halt_step": halt_step, "graph_seconds": round(seconds, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -125,6 +126,8 @@ def report_text(r):
         f"  the object (measured in the output): {_xy(r['object_start'])} -> {_xy(r['object_end'])}, expected "
         f"{_xy(r['object_expected'])}: moved {100 * r['moved_fraction']:.0f}% of the drag, "
         f"{r['object_error_px']:.1f} px from where it should be\n"
+        f"  where it should be: {100 * r['object_overlap']:.0f}% overlap with its shape, colours off by "
+        f"{r['object_mae']:.1f} / 255\n"
         f"  mean change away from the object: {r['change_outside_mae']:.1f} / 255\n"
         f"  the graph ran in {r['graph_seconds']:.0f} s\n")
 

@@ -42,7 +42,11 @@ def score_drag(scene, index, drag, output, source=None, editable=None):
         from the expected centre); ``moved_fraction`` (displacement along the drag / its length);
         ``outside_mae`` (mean absolute change outside ``editable``, 0-255 scale);
         ``others_mae`` (same over the other objects' footprints); ``psnr_to_truth`` (dB against
-        the ideal result drawn by the scene itself).
+        the ideal result drawn by the scene itself); ``overlap`` (intersection over union of the
+        pixels labelled as the object with its ideal moved footprint) and ``object_mae`` (mean
+        absolute difference from the ideal result inside that footprint, 0-255): the nearest-colour
+        labelling alone counts any blob of a nearby colour, e.g. a dark one at the target, as
+        the object, so a real move also needs the right shape and colours where it should be.
     """
     source = scene.render() if source is None else source
     obj = scene.objects[index]
@@ -66,11 +70,15 @@ def score_drag(scene, index, drag, output, source=None, editable=None):
     others &= ~editable
     truth = scene.with_object_moved(index, *drag).render()
     mse = float(((output - truth) ** 2).mean())
+    footprint = obj.moved(*drag).mask(scene.size)
+    labelled = labels(output, scene) == index
     return {
         "start": start, "end": end, "expected": expected, "error_px": error, "moved_fraction": moved,
         "outside_mae": float(change[~editable].mean()) if (~editable).any() else 0.0,
         "others_mae": float(change[others].mean()) if others.any() else None,
         "psnr_to_truth": float(10 * np.log10(1 / max(mse, 1e-10))),
+        "overlap": float((labelled & footprint).sum() / max(int((labelled | footprint).sum()), 1)),
+        "object_mae": float(np.abs(output - truth).mean(-1)[footprint].mean() * 255),
     }
 
 
