@@ -21,7 +21,12 @@ def labels(image, scene):
 
 def centroid(image, scene, index):
     """(x, y) centroid of the pixels labelled as object ``index``, or None if there are none."""
-    ys, xs = np.nonzero(labels(image, scene) == index)
+    return _centroid(labels(image, scene) == index)
+
+
+def _centroid(mask):
+    """(x, y) centroid of a [H, W] bool mask's pixels, or None if it has none."""
+    ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return None
     return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
@@ -52,7 +57,8 @@ def score_drag(scene, index, drag, output, source=None, editable=None):
     obj = scene.objects[index]
     start = centroid(source, scene, index)
     expected = (start[0] + drag[0], start[1] + drag[1])
-    end = centroid(output, scene, index)
+    labelled = labels(output, scene) == index
+    end = _centroid(labelled)
     length = float(np.hypot(*drag))
     if end is None:
         error, moved = float("inf"), 0.0
@@ -71,7 +77,6 @@ def score_drag(scene, index, drag, output, source=None, editable=None):
     truth = scene.with_object_moved(index, *drag).render()
     mse = float(((output - truth) ** 2).mean())
     footprint = obj.moved(*drag).mask(scene.size)
-    labelled = labels(output, scene) == index
     return {
         "start": start, "end": end, "expected": expected, "error_px": error, "moved_fraction": moved,
         "outside_mae": float(change[~editable].mean()) if (~editable).any() else 0.0,

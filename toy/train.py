@@ -50,8 +50,6 @@ from toy import model as toy_model  # noqa: E402
 from toy.probe import BottleneckScale, NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_rms, bottleneck_share  # noqa: E402
 from toy.scenes import moved_pair, moved_part_way, pair_drag, random_scene  # noqa: E402
 
-FEATURE_SCALE = 2  # image pixels per supervision-feature pixel (dragnoise.optimize.FEATURE_SCALE)
-
 
 class SceneSource:
     """Random scenes at the toy's size, rendered on demand from one seeded generator."""
@@ -87,8 +85,8 @@ class SceneSource:
     def drag_cases(self, n):
         """Moved pairs as a drag sees them, whole scenes, no augmentation: three [n, S, S, 3] arrays
         (A, B = A with one object moved, A with it moved a random share of the way), the shares
-        [n], the handles [n, 2] (row, col) on the supervision-feature grid (on the object, near its
-        centre, moved that share of the way) and the drag's unit directions [n, 2] (row, col)."""
+        [n], the handles [n, 2] (row, col) in image pixels (on the object, near its centre, moved
+        that share of the way) and the drag's unit directions [n, 2] (row, col)."""
         a, b, part, shares, handles, directions = [], [], [], [], [], []
         for _ in range(n):
             scene, index, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE, shaded=self.shaded)
@@ -100,7 +98,7 @@ class SceneSource:
             a.append(scene.render())
             b.append(moved.render())
             part.append(moved_part_way(scene, index, moved, share).render())
-            handles.append((y / FEATURE_SCALE, x / FEATURE_SCALE))
+            handles.append((y, x))
             directions.append(drag[::-1] / max(float(np.hypot(*drag)), 1e-6))
         return (np.stack(a), np.stack(b), np.stack(part), torch.tensor(shares).float(), torch.tensor(handles).float(),
                 torch.tensor(np.stack(directions)).float())
@@ -267,12 +265,13 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
     ab = alphas_cumprod()
     context = toy_model.default_conditioning()
     decoder = feat.Decoder(unet, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], with_output=False)
-    grid = (toy_model.IMAGE_SIZE // FEATURE_SCALE,) * 2
+    grid = (toy_model.IMAGE_SIZE // optimize.FEATURE_SCALE,) * 2
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(20, steps // 10 + 1))
         a, b, part, shares, handles, directions = source.drag_cases(pairs)
+        handles = handles / optimize.FEATURE_SCALE  # onto the supervision-feature grid
         t = int(torch.randint(560, 801, ()))
         eps = torch.randn((pairs, 4) + (toy_model.IMAGE_SIZE // 8,) * 2)
         alpha = ab[t]
@@ -291,6 +290,7 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
             return sum(optimize.motion_loss(feature[i:i + 1], handles[i], directions[i], 1) for i in range(pairs))
 
         s_path = s_part
+        # No draw without path steps: the random stream (and so the fine-tune) stays what it was.
         for _ in range(int(torch.randint(0, path_steps + 1, ())) if path_steps else 0):
             with feat.backward_safe(unet, "norm inputs"):
                 s = s_path.clone().requires_grad_(True)
