@@ -45,13 +45,13 @@ class Case:
         return self.target[0] - self.handle[0], self.target[1] - self.handle[1]
 
 
-def make_cases(n, seed=0, size=256):
+def make_cases(n, seed=0, size=256, shaded=False):
     """``n`` cases; every other one has a mask: the object's footprint swept along the drag,
-    widened by 12 px."""
+    widened by 12 px. ``shaded``: shaded objects (for a model trained on them)."""
     rng = np.random.default_rng(seed)
     cases = []
     while len(cases) < n:
-        scene = random_scene(rng, size)
+        scene = random_scene(rng, size, shaded=shaded)
         obj = scene.objects[0]
         angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(24, 64)
         handle = (obj.center[0] + rng.uniform(-0.3, 0.3) * obj.radius, obj.center[1] + rng.uniform(-0.3, 0.3) * obj.radius)
@@ -111,14 +111,16 @@ class Runner:
     @staticmethod
     def score(case, output, source):
         s = measure.score_drag(case.scene, case.index, case.drag, output, source=source, editable=case.mask)
-        return {k: s[k] for k in ("error_px", "moved_fraction", "outside_mae", "others_mae", "psnr_to_truth")}
+        return {k: s[k] for k in ("error_px", "moved_fraction", "outside_mae", "others_mae", "psnr_to_truth",
+                                    "overlap", "object_mae")}
 
 
 def summarize(rows):
     """Markdown table: per method and mask condition, means (and the median of the error)."""
     lines = ["| method | cases | object error px (mean / median) | moved of the drag | moved >= 50% | "
+             "overlap with the ideal footprint | object's colour error /255 | "
              "change outside editable /255 | change of other objects /255 | PSNR to truth dB | steps | optimize s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS + ("reconstruction",):
         for label, masked in (("no mask", False), ("mask", True)):
             group = [r[method] for r in rows if r["masked"] == masked]
@@ -132,7 +134,8 @@ def summarize(rows):
             err = np.array([g["error_px"] for g in group])
             moved = np.array([g["moved_fraction"] for g in group])
             lines.append(f"| {method} ({label}) | {len(group)} | {np.mean(err):.1f} / {np.median(err):.1f} | "
-                         f"{np.mean(moved):.2f} | {np.mean(moved >= 0.5):.0%} | {mean('outside_mae')} | "
+                         f"{np.mean(moved):.2f} | {np.mean(moved >= 0.5):.0%} | {mean('overlap')} | {mean('object_mae', '{:.1f}')} | "
+                         f"{mean('outside_mae')} | "
                          f"{mean('others_mae')} | {mean('psnr_to_truth', '{:.1f}')} | {mean('steps', '{:.1f}')} | "
                          f"{mean('optimize_s', '{:.1f}')} |")
     return "\n".join(lines)
@@ -158,7 +161,10 @@ def main(argv=None):
     runner = Runner(comfy_env.start(pytorch_attention=True), args.max_steps, args.halt_step, args.weights)
     rows = []
     start = time.time()
-    for i, case in enumerate(make_cases(args.cases, args.seed)):
+    from toy import model as toy_model
+
+    shaded = toy_model.trained_on_shaded(args.weights or toy_model.WEIGHTS)
+    for i, case in enumerate(make_cases(args.cases, args.seed, shaded=shaded)):
         rows.append({"case": i, "masked": case.mask is not None, "drag": case.drag} | runner.run(case))
         r = rows[-1]
         print(f"case {i + 1}/{args.cases} ({'mask' if r['masked'] else 'no mask'}, drag {np.hypot(*case.drag):.0f} px): "
@@ -169,7 +175,7 @@ def main(argv=None):
             Path(args.out).write_text(json.dumps({"args": vars(args), "table": table, "cases": rows}, indent=1,
                                                  default=float))
     print(f"\n{table}\n\n{len(rows)} cases in {time.time() - start:.0f} s; max_steps {args.max_steps}, "
-          f"halt_step {args.halt_step}, toy model at 256 px")
+          f"halt_step {args.halt_step}, toy model at 256 px{', shaded objects' if shaded else ''}")
     return rows, table
 
 

@@ -128,6 +128,7 @@ def run_quick(script, out, timeout, *args):
 
 def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     import safetensors
+    import safetensors.torch
 
     from toy import probe
 
@@ -145,6 +146,9 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     assert meta["moved_pairs"] == "0.5" and meta["skipless_blocks"] == "11" and meta["moved_interpolate"] == "True"
     assert meta["shaded"] == "True" and meta["bottleneck_rms"] == "1.0" and float(meta["trained_bottleneck_rms"]) > 0
     assert meta["align_steps"] == "2" and meta["align_path_steps"] == "2"
+    assert toy_model.trained_on_shaded(str(out))  # so the demo and the benchmark drag shaded scenes on it
+    safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
+    assert not toy_model.trained_on_shaded(str(tmp_path / "bare.safetensors"))
     rescaled = re.search(r"bottleneck rescaled from an RMS of [\d.]+ to ([\d.]+)", run.stdout)
     assert rescaled and float(rescaled.group(1)) == pytest.approx(1.0, abs=0.02)
     with torch.inference_mode():  # the 2 drag-alignment steps after the rescale move it a little
@@ -288,6 +292,7 @@ def test_quality_benchmark_quick_mode_computes_its_numbers(tmp_path, comfy):
             scores = case[method]
             assert np.isfinite(scores["error_px"]) and np.isfinite(scores["psnr_to_truth"])
             assert scores["outside_mae"] >= 0
+            assert 0 <= scores["overlap"] <= 1 and scores["object_mae"] >= 0
         for method in ("dragnoise", "baseline"):
             assert 1 <= case[method]["steps"] <= 3 and case[method]["optimize_s"] > 0
     assert "| dragnoise (mask) |" in result["table"] and "| baseline (no mask) |" in result["table"]

@@ -175,6 +175,15 @@ def read(path=WEIGHTS):
             {k[len("vae."):]: v.float() for k, v in sd.items() if k.startswith("vae.")})
 
 
+def trained_on_shaded(path=WEIGHTS):
+    """Whether a weights file was trained on shaded objects (``train.py --shaded``, recorded in its
+    metadata): drags on it should use shaded scenes too."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("shaded") == "True"
+
+
 def load(path=WEIGHTS):
     """(MODEL, VAE, CONDITIONING) as ComfyUI's loaders and CLIP Text Encode would return them."""
     import comfy.model_management
