@@ -76,6 +76,11 @@ def alphas_cumprod():
     return torch.cumprod(1 - betas, 0).float()
 
 
+def noised(z0, eps, alpha_bar):
+    """z_t [B, 4, h, w] = sqrt(alpha_bar) z0 + sqrt(1 - alpha_bar) eps (``alpha_bar`` broadcasts)."""
+    return alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * eps
+
+
 def _predict_noise(unet, zt, timestep, patch):
     """[B, 4, h, w] the toy U-Net's eps prediction for z_t [B, 4, h, w] at ``timestep``, with the
     toy's prompt and one ``output_block_patch``."""
@@ -99,7 +104,7 @@ def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False
     ab = alphas_cumprod()[timestep]
 
     def x0_prediction(z0, swap):
-        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps.repeat(len(z0) // cases, 1, 1, 1)
+        zt = noised(z0, eps.repeat(len(z0) // cases, 1, 1, 1), ab)
         pred = _predict_noise(unet, zt, timestep, SwapBottleneck(swap))
         return (zt - (1 - ab).sqrt() * pred) / ab.sqrt()
 
@@ -120,7 +125,7 @@ def bottleneck_rms(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False):
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     ab = alphas_cumprod()[timestep]
     scale = BottleneckScale()
-    _predict_noise(unet, ab.sqrt() * z0 + (1 - ab).sqrt() * eps, timestep, scale)
+    _predict_noise(unet, noised(z0, eps, ab), timestep, scale)
     return float(scale.mean_square.mean().sqrt())
 
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import comfy_env  # noqa: E402
 from toy import model as toy_model  # noqa: E402
-from toy.probe import BottleneckScale, NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_rms, bottleneck_share  # noqa: E402
+from toy.probe import BottleneckScale, NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_rms, bottleneck_share, noised  # noqa: E402
 from toy.scenes import moved_pair, moved_part_way, pair_drag, random_scene  # noqa: E402
 
 
@@ -163,6 +163,13 @@ def hold_skips_at_zero(unet, blocks):
             conv.weight.register_hook(lambda grad, keep=keep: grad * keep)
 
 
+def moved_target(zt, goal, alpha_bar):
+    """The noise target [B, 4, h, w] whose x0 estimate from z_t is ``goal``, and its loss weight:
+    eps-MSE weighs x0 errors by a/(1-a), next to nothing at the edit step (0.1 at t=681), so
+    moved samples are weighed as x0 errors instead (capped at 10)."""
+    return (zt - alpha_bar.sqrt() * goal) / (1 - alpha_bar).sqrt(), ((1 - alpha_bar) / alpha_bar).clamp(1, 10)
+
+
 def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, backward_safe,
                moved_fraction=0.0, moved_min_t=300, moved_lag=0, moved_interpolate=False, bottleneck_noise=0.0):
     """eps-MSE at uniform random timesteps; returns the EMA weights.
@@ -202,13 +209,10 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
             t[-k:] = (t[:k] + torch.randint(0, moved_lag + 1, (k,))).clamp(max=999) if moved_lag else t[:k]
             eps[-k:] = eps[:k]
         a = ab[t][:, None, None, None]
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        zt = noised(z0, eps, a)
         target, weight = eps.clone(), torch.ones_like(a)
         if k:
-            target[:k] = (zt[:k] - a[:k].sqrt() * goal) / (1 - a[:k]).sqrt()
-            # eps-MSE weighs x0 errors by a/(1-a), next to nothing at the edit step (0.1 at t=681),
-            # so the moved pairs are weighed as x0 errors instead (capped).
-            weight[:k] = ((1 - a[:k]) / a[:k]).clamp(1, 10)
+            target[:k], weight[:k] = moved_target(zt[:k], goal, a[:k])
         scale = BottleneckScale()
         options = {"patches": {"output_block_patch": [scale, SwapBottleneck(k, shares if moved_interpolate else None),
                                                       NoisyBottleneck(bottleneck_noise)]}}
@@ -276,7 +280,7 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
         eps = torch.randn((pairs, 4) + (toy_model.IMAGE_SIZE // 8,) * 2)
         alpha = ab[t]
         za, zb, zpart = (toy_model.scene_latent(x) for x in (a, b, part))
-        zta, ztb = (alpha.sqrt() * z + (1 - alpha).sqrt() * eps for z in (za, zb))
+        zta, ztb = (noised(z, eps, alpha) for z in (za, zb))
         # A bare U-Net has no model patches: run_encoder reads only model_options from its model.
         enc = feat.run_encoder(SimpleNamespace(model_options={}), unet, torch.cat([zta, ztb]), t, 0.0,
                                context.expand(2 * pairs, -1, -1)).detached_copy()
@@ -305,9 +309,10 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
             t_plain = torch.randint(0, 1000, (plain,))
             eps_plain = torch.randn_like(z_plain)
             a_plain = ab[t_plain][:, None, None, None]
-            zt_plain = a_plain.sqrt() * z_plain + (1 - a_plain).sqrt() * eps_plain
-            target = torch.cat([(zta - alpha.sqrt() * zpart) / (1 - alpha).sqrt(), eps_plain])
-            scale = torch.cat([((1 - alpha) / alpha).clamp(1, 10).expand(pairs, 1, 1, 1), torch.ones_like(a_plain)])
+            zt_plain = noised(z_plain, eps_plain, a_plain)
+            moved, moved_weight = moved_target(zta, zpart, alpha)
+            target = torch.cat([moved, eps_plain])
+            scale = torch.cat([moved_weight.expand(pairs, 1, 1, 1), torch.ones_like(a_plain)])
             pred = unet(torch.cat([zta, zt_plain]), timesteps=torch.cat([torch.full((pairs,), t), t_plain]).float(),
                         context=context.expand(pairs + plain, -1, -1),
                         transformer_options={"patches": {"output_block_patch": [SetBottleneck(s_part)]}})
