@@ -25,12 +25,14 @@ def start(pytorch_attention=False):
     args.use_pytorch_cross_attention = pytorch_attention
     import nodes
 
-    if not nodes.load_custom_node(str(REPO)):
+    from scripts.comfy_local import comfy_call, pack_module
+
+    if not comfy_call(nodes.load_custom_node(str(REPO))):
         raise RuntimeError("the pack did not load")
     from comfy_test_nodes import torchvision_stub
 
     torchvision_stub.retire()
-    return sys.modules[f"{REPO.name}.dragnoise"]
+    return pack_module("dragnoise")
 
 
 def random_sd15_checkpoint():

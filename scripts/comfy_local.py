@@ -30,6 +30,37 @@ PACK_NAME = "ComfyUI-DragNoise"
 TOY_NODES = {"dragnoise_toy": REPO / "toy"}  # the toy model's loader node (toy/__init__.py)
 
 
+def comfy_call(result):
+    """The value of a call into ComfyUI's ``nodes`` module that newer ComfyUI made async
+    (``load_custom_node``, ``init_extra_nodes``): awaited when it is a coroutine."""
+    import asyncio
+    import inspect
+
+    return asyncio.run(result) if inspect.isawaitable(result) else result
+
+
+def pack_module(submodule=""):
+    """The pack's package as ComfyUI's loader imported it, or its ``submodule`` ("dragnoise.mask"):
+    ComfyUI names a custom-node package after its folder, newer versions after the folder's
+    whole path, so it is found by its file."""
+    init = REPO / "__init__.py"
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and hasattr(module, "__path__") and Path(path).resolve() == init:
+            return sys.modules[f"{name}.{submodule}"] if submodule else module
+    raise LookupError("ComfyUI has not loaded the DragNoise pack")
+
+
+def init_custom_nodes(nodes):
+    """Loads the custom_nodes folders (and ComfyUI's built-in extra nodes) in-process, on the
+    ComfyUI of CI (``init_custom_nodes``) and on newer ones (async ``init_extra_nodes``, here
+    without the API nodes, which need network services)."""
+    if hasattr(nodes, "init_extra_nodes"):
+        comfy_call(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    else:
+        nodes.init_custom_nodes()
+
+
 def user_dir(root, extra_custom_nodes=None):
     """Makes a ComfyUI user folder at ``root``: custom_nodes (this pack, linked, and the
     ``extra_custom_nodes`` {name: folder}), models, input, output, temp and an

@@ -8,7 +8,7 @@ bash "$repo/scripts/setup_env.sh"
 bash "$repo/scripts/setup_browser.sh"
 venv="${DRAGNOISE_VENV:-$repo/.venv}"
 py="$venv/bin/python"
-export DRAGNOISE_COMFYUI="$venv/ComfyUI"
+export DRAGNOISE_COMFYUI="${DRAGNOISE_COMFYUI:-$venv/ComfyUI}"  # another ComfyUI checkout may be given
 # pytest runs from tests/, its rootdir and the home of its ini: the repository root is the pack's
 # ComfyUI package, which pytest must not collect (its folder name need not be an identifier), and
 # testpaths only applies when pytest starts in the rootdir. Paths given as arguments are relative

@@ -27,7 +27,7 @@ if not (COMFY_DIR / "main.py").is_file():
     raise RuntimeError(f"No ComfyUI at {COMFY_DIR}; run scripts/test.sh (it sets everything up).")
 sys.path[:0] = [str(COMFY_DIR), str(STUBS)]
 sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
-from scripts.comfy_local import TOY_NODES, ComfyServer, user_dir  # noqa: E402
+from scripts.comfy_local import TOY_NODES, ComfyServer, init_custom_nodes, pack_module, user_dir  # noqa: F401  # noqa: E402
 
 import comfy.options  # noqa: E402  (ComfyUI must be configured before model_management loads)
 
@@ -73,7 +73,7 @@ def comfy(comfy_root):
                                                       folder_paths.folder_names_and_paths[kind][1])
     import nodes
 
-    nodes.init_custom_nodes()
+    init_custom_nodes(nodes)
     if "DragNoiseDDIMInvert" not in nodes.NODE_CLASS_MAPPINGS:
         raise RuntimeError("ComfyUI did not load the DragNoise pack; see the log above.")
     return nodes
@@ -168,6 +168,14 @@ def run_browser(request, timeout=420):
     if out.returncode != 0 or not out.stdout.strip():
         raise AssertionError(f"browser driver failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def pack_page_errors(result):
+    """The page errors of a browser run that count against the pack: every one after the frontend
+    started, and those while it started that name the pack (newer frontends throw a few of
+    their own on a fresh profile, with or without it)."""
+    startup = [e for e in result["startupErrors"] if PACK_NAME in e or "point_editor" in e]
+    return startup + result["pageErrors"]
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def progress_hook(on_update):
     """Calls ``on_update(value, total)`` on every ComfyUI progress-bar update inside the block."""
     import comfy.utils
 
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, *args: on_update(value, total))
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *args, **kwargs: on_update(value, total))
     try:
         yield
     finally:

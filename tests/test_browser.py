@@ -8,13 +8,12 @@ one such screenshot).
 """
 
 import json
-import sys
 import time
 
 import numpy as np
 import torch
 
-from conftest import ARTIFACTS, PACK_NAME, REPO, execution_error
+from conftest import ARTIFACTS, REPO, execution_error, pack_module, pack_page_errors
 from helpers import synthetic_photo
 from test_server import upload_png, view
 
@@ -35,7 +34,7 @@ def pairs_json(pairs):
 
 
 def test_point_editor_in_chromium(server, browser, comfy):
-    mask_mod = sys.modules[PACK_NAME + ".dragnoise.mask"]
+    mask_mod = pack_module("dragnoise.mask")
     workflow = json.loads(WORKFLOW.read_text())
     photo = synthetic_photo(W, H)
     # Upload under the workflow's own file name, as a user who has that file would have it.
@@ -53,7 +52,7 @@ def test_point_editor_in_chromium(server, browser, comfy):
         "image": {"width": W, "height": H}, "probe": probe, "pairs": pairs, "move": move,
         "final_move": final_move, "brush": brush, "stroke": stroke})
     print(f"browser session {result['seconds']:.1f}s; screenshot {result['screenshot']}")
-    assert result["pageErrors"] == []
+    assert pack_page_errors(result) == []
 
     # The image from Load Image is on the canvas before any run, at the right place.
     for (x, y), shown in zip(probe, result["shown"]):
@@ -99,7 +98,7 @@ def test_point_editor_editing_resizing_and_saving(server, browser, comfy):
     """Right-click and Delete remove pairs, the canvas follows the node's size with coordinates still
     in image pixels, erase removes paint, everything survives saving and reopening the workflow, and
     choosing another file in Load Image brings its image (points and mask rescaled to it)."""
-    mask_mod = sys.modules[PACK_NAME + ".dragnoise.mask"]
+    mask_mod = pack_module("dragnoise.mask")
     workflow = json.loads(WORKFLOW.read_text())
     upload_png(server, torch.from_numpy(synthetic_photo(W, H).astype(np.float32) / 255), load_image_name(workflow))
     other = synthetic_photo(96, 128)[:, :, ::-1].copy()  # another picture, another size
@@ -128,7 +127,7 @@ def test_point_editor_editing_resizing_and_saving(server, browser, comfy):
         {"do": "press", "action": "undo"}, {"do": "values", "as": "points_back"},
     ]})
     rec = result["record"]
-    assert result["pageErrors"] == []
+    assert pack_page_errors(result) == []
     pts = lambda name: json.loads(rec[name]["points"])  # noqa: E731
     three = pairs_json(p)
     assert pts("three") == three
@@ -169,11 +168,12 @@ def test_point_editor_shows_generated_image_after_first_run(server, browser):
     result = browser({"command": "steps", "url": server.url, "out": str(ARTIFACTS), "steps": [
         {"do": "load", "workflow": workflow}, {"do": "swap"}, {"do": "set", "widgets": small},
         {"do": "status", "as": "before"}, {"do": "queue", "as": "run"}, {"do": "wait_image", "size": [W, H], "as": "after"},
+        {"do": "close_dialogs"},
         {"do": "colors", "at": [(10, 10), (100, 64), (180, 120)], "as": "shown"},
         {"do": "click", "at": (50, 60)}, {"do": "click", "at": (90, 70)}, {"do": "values", "as": "placed"},
     ]})
     rec = result["record"]
-    assert result["pageErrors"] == []
+    assert pack_page_errors(result) == []
     assert "no image yet" in rec["before"]["status"]
     entry = server.wait(rec["run"]["promptId"])
     error = execution_error(entry)

@@ -1,18 +1,17 @@
 """The DragNoise edit: Bottleneck Optimize, propagation as a sampler and as a model patch."""
 
-import sys
 
 import pytest
 import torch
 
-from conftest import PACK_NAME
+from conftest import pack_module
 from helpers import assert_unchanged, progress_until_interrupted, smooth_latent, snapshot, stock_continue
 
 SIZE = 64  # image pixels; 8x8 latent, 32x32 supervision grid
 
 
 def pack(module):
-    return sys.modules[f"{PACK_NAME}.dragnoise.{module}"]
+    return pack_module(f"dragnoise.{module}")
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,13 @@ def test_edit_timestep_is_comfyui_ddim_uniform_at_start_step(comfy, node, tiny_m
     _, inversion = invert(node, tiny_model, smooth_latent(0), cond, steps, strength)
     start = steps - round(strength * steps)
     assert inversion.edit_step == start
-    # ComfyUI's own KSampler object, as the stock nodes build it.
-    sampler = comfy.samplers.KSampler(tiny_model.model, steps=steps, device="cpu", sampler="ddim", scheduler="ddim_uniform")
+    # ComfyUI's own KSampler object, as the stock nodes build it: on the ModelPatcher in newer
+    # ComfyUI, on its BaseModel in older ones (comfy.sample.sample).
+    try:
+        sampler = comfy.samplers.KSampler(tiny_model, steps=steps, device="cpu", sampler="ddim", scheduler="ddim_uniform")
+    except AttributeError:
+        sampler = comfy.samplers.KSampler(tiny_model.model, steps=steps, device="cpu", sampler="ddim",
+                                          scheduler="ddim_uniform")
     stock_t = float(tiny_model.model.model_sampling.timestep(sampler.sigmas[start]))
     assert inversion.timestep == round(stock_t)
     assert torch.equal(inversion.sigmas, sampler.sigmas.cpu())

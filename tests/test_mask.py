@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from conftest import PACK_NAME
+from conftest import pack_module
 
 
 @pytest.fixture(scope="module")
 def mask_mod(comfy):
     import sys
 
-    return sys.modules[PACK_NAME + ".dragnoise.mask"]
+    return pack_module("dragnoise.mask")
 
 
 def random_layer(seed, h, w):

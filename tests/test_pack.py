@@ -1,22 +1,25 @@
 """The pack loads through ComfyUI's own loaders and presents well-formed nodes."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import COMFY_DIR, PACK_NAME, REPO, STUBS
+from conftest import COMFY_DIR, PACK_NAME, REPO, STUBS, pack_module
 
 EXISTING_NODES = ["DragNoiseLoRAFit", "DragNoiseDDIMInvert", "DragNoisePointEditor", "DragNoiseBottleneckOptimize",
                   "DragNoisePropagatedSampler", "DragNoiseApplyPropagation"]
 
 
 def test_loaded_by_comfyui_custom_node_loader(comfy):
-    # The loader imports the pack under its folder name; finding it there proves it came in
-    # through ComfyUI's custom_nodes scan, with relative imports resolved inside the package.
-    assert PACK_NAME in sys.modules
-    assert Path(sys.modules[PACK_NAME].__file__).resolve() == REPO / "__init__.py"
+    # The loader imports the pack under the name of its custom_nodes folder (newer ComfyUI: the
+    # folder's whole path); finding it there proves it came in through ComfyUI's custom_nodes
+    # scan, with relative imports resolved inside the package.
+    pack = pack_module()
+    assert pack.__name__.split("/")[-1] == PACK_NAME
+    assert Path(pack.__file__).resolve() == REPO / "__init__.py"
     for name in EXISTING_NODES:
-        assert comfy.NODE_CLASS_MAPPINGS[name].__module__.startswith(PACK_NAME + ".nodes")
+        assert comfy.NODE_CLASS_MAPPINGS[name].__module__.startswith(pack.__name__ + ".nodes")
         assert name in comfy.NODE_DISPLAY_NAME_MAPPINGS
     assert comfy.EXTENSION_WEB_DIRS[PACK_NAME].endswith("web/js")
 
@@ -36,14 +39,17 @@ def test_quick_test_for_ci_loads_the_pack(comfy_root):
     out = subprocess.run(
         [sys.executable, "main.py", "--cpu", "--quick-test-for-ci",
          "--extra-model-paths-config", str(comfy_root / "extra_model_paths.yaml")],
-        cwd=COMFY_DIR, env={"PYTHONPATH": str(STUBS), "PATH": "/usr/bin:/bin"},
+        cwd=COMFY_DIR, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(STUBS), os.environ.get("PYTHONPATH")])),
+                            "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     pack_lines = [line for line in log.splitlines() if f"custom_nodes/{PACK_NAME}" in line]
     assert pack_lines, log[-3000:]
     assert not any("IMPORT FAILED" in line for line in pack_lines), log[-3000:]
-    assert "Cannot import" not in log, log[-3000:]
+    # Only our custom_nodes folders: a newer ComfyUI without optional extras (torchaudio) logs
+    # its own comfy_extras that fail to import.
+    assert not any("Cannot import" in line and "custom_nodes/" in line for line in log.splitlines()), log[-3000:]
 
 
 def test_object_info_lists_nodes_with_inputs(server):

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from conftest import PACK_NAME
+from conftest import pack_module
 
 
 @pytest.fixture(scope="module")
 def points_mod(comfy):
     import sys
 
-    return sys.modules[PACK_NAME + ".dragnoise.points"]
+    return pack_module("dragnoise.points")
 
 
 def test_canonical_form(points_mod):

@@ -2,6 +2,7 @@
 and the quality benchmark."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import COMFY_DIR, REPO
+from conftest import COMFY_DIR, REPO, pack_module
 
 sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
 from toy import measure, scenes  # noqa: E402
@@ -98,10 +99,8 @@ def test_committed_weights_were_made_by_the_training_script():
 
 
 def test_toy_model_is_sd15_type_and_its_vae_encodes_the_scene_latent(toy, comfy):
-    import importlib
-
     model, vae, cond = toy
-    check = importlib.import_module("ComfyUI-DragNoise.dragnoise.model_check")
+    check = pack_module("dragnoise.model_check")
     unet = check.sd15_unet(model)
     assert unet.model_channels == 32 and len(unet.output_blocks) == 12
     scene = a_scene(5)
@@ -120,7 +119,8 @@ def run_quick(script, out, timeout, *args):
     """Runs ``script`` (relative to the repository) with ``--quick --out out`` and ``args`` in a
     clean environment, as a user would; fails with its output's tail. Returns the CompletedProcess."""
     run = subprocess.run([sys.executable, str(REPO / script), "--quick", "--out", str(out), *args],
-                         env={"DRAGNOISE_COMFYUI": str(COMFY_DIR), "PATH": "/usr/bin:/bin"},
+                         env={"DRAGNOISE_COMFYUI": str(COMFY_DIR), "PATH": "/usr/bin:/bin",
+                              **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}},
                          capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     return run
@@ -234,15 +234,13 @@ def test_rescaling_the_bottleneck_changes_nothing_else(comfy):
 def test_committed_model_takes_little_of_its_layout_from_the_bottleneck(toy, comfy):
     """What toy/README.md says of the committed weights (and why the demo's drag does not move
     the object): retrained with --moved-pairs, these numbers and that xfail change together."""
-    import importlib
-
     from toy import probe
 
     model, vae, positive = toy
     with torch.inference_mode():
         share = probe.bottleneck_share(model.model.diffusion_model, cases=4)
     assert -0.1 < share < 0.1, share
-    dragnoise = importlib.import_module("ComfyUI-DragNoise.dragnoise")
+    dragnoise = pack_module("dragnoise")
     (moved,) = probe.truth_substitution(dragnoise, model, vae, positive, cases=1)
     assert abs(moved) < 0.2, moved
     # The motion loss's gradient does not head for the moved scene's bottleneck (0.15-0.45 on the

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PACK_NAME, REPO
+from conftest import REPO, pack_module, pack_page_errors
 from helpers import synthetic_photo
 from test_server import upload_png, view
 
@@ -79,6 +79,17 @@ def upload_example_images(server, workflows):
                            n["widgets_values"][0])
 
 
+def validate_prompt(execution, prompt):
+    """ComfyUI's own validation of a prompt (newer versions: async, with a prompt id)."""
+    import inspect
+
+    from scripts.comfy_local import comfy_call
+
+    if len(inspect.signature(execution.validate_prompt).parameters) == 1:
+        return execution.validate_prompt(prompt)
+    return comfy_call(execution.validate_prompt("dragnoise-test", prompt, None))
+
+
 def test_ui_workflows_convert_to_valid_prompts(server, browser, comfy, checkpoint_placeholder):
     import execution
 
@@ -87,14 +98,14 @@ def test_ui_workflows_convert_to_valid_prompts(server, browser, comfy, checkpoin
     result = browser({"command": "to-prompt", "url": server.url, "workflows": workflows, "widgets": {
         # Points typed into the hidden text widget must reach the prompt unchanged.
         name: {"DragNoisePointEditor": {"points": POINTS}} for name in workflows}})
-    assert result["pageErrors"] == []
+    assert pack_page_errors(result) == []
     for name, workflow in workflows.items():
         prompt = result["prompts"][name]
         shipped = sorted(n["type"] for n in workflow["nodes"] if n["type"] != "Note")
         assert sorted(v["class_type"] for v in prompt.values()) == shipped, name
         (editor,) = [v for v in prompt.values() if v["class_type"] == "DragNoisePointEditor"]
         assert editor["inputs"]["points"] == POINTS and editor["inputs"]["mask"] == ""
-        valid, error, outputs, node_errors = execution.validate_prompt(prompt)
+        valid, error, outputs, node_errors = validate_prompt(execution, prompt)
         assert valid, (name, error, node_errors)
         assert node_errors == {}, (name, node_errors)
         assert set(outputs) == {k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage")}
@@ -152,7 +163,7 @@ def test_api_workflow_runs_with_readme_script(server, comfy, tmp_path):
     (tmp_path / "workflow.json").write_text(json.dumps(prompt))
     Image.fromarray(synthetic_photo(192, 128)).save(tmp_path / "photo.png")
     (tmp_path / "dragnoise_api_example.py").write_text(readme_script())
-    mask_mod = sys.modules[PACK_NAME + ".dragnoise.mask"]
+    mask_mod = pack_module("dragnoise.mask")
     paint = torch.zeros(128, 192, dtype=torch.bool)
     paint[30:90, 40:140] = True
     mask = mask_mod.encode_painted_mask(paint)

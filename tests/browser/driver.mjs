@@ -32,7 +32,16 @@ async function openComfy(browser, url) {
     () => window.app?.graph && window.LiteGraph?.registered_node_types?.DragNoisePointEditor
       && window.app.extensions?.some((e) => e.name === "DragNoise.PointEditor"),
     null, { timeout: 90_000 });
-  return { page, pageErrors, consoleErrors };
+  // Errors while the frontend starts are kept apart: newer frontends throw some of their own on a
+  // fresh profile (with or without this pack); the tests check that none comes from the pack.
+  const startupErrors = pageErrors.splice(0);
+  return { page, pageErrors, consoleErrors, startupErrors };
+}
+
+// The visible Queue / Run button: the 2024 frontend's menu button, or the newer top bar's.
+async function clickQueueButton(page) {
+  const buttons = page.locator('#queue-button, [data-testid="queue-button"]').filter({ visible: true });
+  await buttons.first().click();
 }
 
 // ---- in-page helpers (serialized into the page by page.evaluate) -----------------------------
@@ -157,19 +166,19 @@ function pageSetBrush([id, size]) {
 // ---- commands ---------------------------------------------------------------------------------
 
 async function toPrompt(browser) {
-  const { page, pageErrors, consoleErrors } = await openComfy(browser, request.url);
+  const { page, pageErrors, consoleErrors, startupErrors } = await openComfy(browser, request.url);
   const prompts = {};
   for (const [name, workflow] of Object.entries(request.workflows)) {
     await page.evaluate(pageLoadWorkflow, workflow);
     await page.evaluate(pageSetWidgets, request.widgets?.[name] ?? {});
     prompts[name] = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
   }
-  return { prompts, pageErrors, consoleErrors };
+  return { prompts, pageErrors, consoleErrors, startupErrors };
 }
 
 async function edit(browser) {
   const started = Date.now();
-  const { page, pageErrors, consoleErrors } = await openComfy(browser, request.url);
+  const { page, pageErrors, consoleErrors, startupErrors } = await openComfy(browser, request.url);
   await page.evaluate(pageLoadWorkflow, request.workflow);
   const [editorId] = await page.evaluate(pageNodesOf, "DragNoisePointEditor");
   await page.evaluate(pageSwapToTestNodes);
@@ -241,7 +250,7 @@ async function edit(browser) {
 
   // Queue with the UI's own button and wait until the server has the prompt.
   const before = Object.keys(await (await fetch(`${request.url}/history`)).json());
-  await page.click("#queue-button");
+  await clickQueueButton(page);
   let promptId = null;
   for (let i = 0; i < 200 && !promptId; i++) {
     await page.waitForTimeout(100);
@@ -250,7 +259,7 @@ async function edit(browser) {
     const ids = [...queue.queue_running, ...queue.queue_pending].map((q) => q[1]).concat(Object.keys(history));
     promptId = ids.find((id) => !before.includes(id)) ?? null;
   }
-  return { shown, values, promptId, screenshot, pageErrors, consoleErrors, seconds: (Date.now() - started) / 1000 };
+  return { shown, values, promptId, screenshot, pageErrors, consoleErrors, startupErrors, seconds: (Date.now() - started) / 1000 };
 }
 
 // A person's actions, one step at a time, with observations recorded along the way. Image points
@@ -258,7 +267,7 @@ async function edit(browser) {
 // box (the image is drawn fitted and centred in it), not from the widget's own code.
 async function steps(browser) {
   const started = Date.now();
-  const { page, pageErrors, consoleErrors } = await openComfy(browser, request.url);
+  const { page, pageErrors, consoleErrors, startupErrors } = await openComfy(browser, request.url);
   const record = {};
   let editorId = null;
   let size = null;
@@ -320,6 +329,15 @@ async function steps(browser) {
         await page.mouse.click(b.x, b.y);
         break;
       }
+      case "close_dialogs": {
+        // Newer frontends show a run's error in a modal dialog over the canvas; a person closes it.
+        const close = page.locator(".p-dialog .p-dialog-close-button").filter({ visible: true });
+        for (let i = 0; i < 50 && (await close.count()); i++) {
+          await close.first().click({ force: true }); // its entry animation never reads as stable
+          await page.waitForTimeout(100);
+        }
+        break;
+      }
       case "key":
         await page.keyboard.press(step.key);
         break;
@@ -361,7 +379,7 @@ async function steps(browser) {
         break;
       case "queue": {
         const before = Object.keys(await (await fetch(`${request.url}/history`)).json());
-        await page.click("#queue-button");
+        await clickQueueButton(page);
         let promptId = null;
         for (let i = 0; i < 200 && !promptId; i++) {
           await page.waitForTimeout(100);
@@ -388,7 +406,7 @@ async function steps(browser) {
         throw new Error(`unknown step ${step.do}`);
     }
   }
-  return { record, pageErrors, consoleErrors, seconds: (Date.now() - started) / 1000 };
+  return { record, pageErrors, consoleErrors, startupErrors, seconds: (Date.now() - started) / 1000 };
 }
 
 const browser = await chromium.launch({ executablePath: request.chromium, headless: true, args: FLAGS });

@@ -98,13 +98,17 @@ function parsePoints(text) {
 // ---------------------------------------------------------------------------------------------
 
 function hideTextWidget(widget) {
-  // Current frontends honour `hidden`; the 2024 litegraph frontend hides a widget whose type is
-  // "hidden" and takes its height from computeSize. The value is still serialized either way.
+  // Current frontends do not draw a `hidden` widget but still lay it out, a text box taking its
+  // share of the node's height, unless computeSize fixes that (at 0: -4 plus the 4 px gap);
+  // the 2024 litegraph frontend hides a widget whose type is "hidden" and sizes it the same way.
+  // The value is still serialized either way.
   widget.hidden = true;
-  if (Object.getPrototypeOf(widget) === Object.prototype) {
-    widget.type = "hidden";
+  try {
     widget.computeSize = () => [0, -4];
+  } catch {
+    // a frontend whose widgets define computeSize as a read-only accessor
   }
+  if (Object.getPrototypeOf(widget) === Object.prototype) widget.type = "hidden";
 }
 
 function sourceImageNode(node) {

@@ -15,3 +15,7 @@ class InterpolationMode(enum.Enum):
 
 def rotate(*args, **kwargs):
     raise NotImplementedError("torchvision is a test stub here; install the real torchvision")
+
+
+def normalize(*args, **kwargs):  # imported by spandrel (newer ComfyUI's upscale-model nodes)
+    raise NotImplementedError("torchvision is a test stub here; install the real torchvision")
