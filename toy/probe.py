@@ -149,9 +149,10 @@ def _encoder_state(dragnoise, model, inversion):
 
 
 def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strength=0.7, halt_step=10, shaded=False):
-    """The best any bottleneck optimization could do: the moved fraction (toy/measure.py) of the
-    dragged object when A's propagation (from A's DDIM inversion, to ``halt_step``) is given the
-    bottleneck of B, the truly moved scene, inverted the same way. One number per case.
+    """The best any bottleneck optimization could do: ``measure.score_drag`` of the dragged object
+    when A's propagation (from A's DDIM inversion, to ``halt_step``) is given the bottleneck of B,
+    the truly moved scene, inverted the same way. One score dict per case: a model can pass the
+    demo test only if these pass it (moved_fraction, overlap, object_mae).
 
     Args:
         dragnoise: the pack's ``dragnoise`` package as ComfyUI loaded it (``bench.comfy_env.start``).
@@ -160,7 +161,7 @@ def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strengt
     import dataclasses
     import json
 
-    moved_fractions = []
+    scores = []
     for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength, shaded):
         with torch.inference_mode():
             # A drag of length zero: A's own bottleneck, unoptimized, in a DragEdit to substitute into.
@@ -169,8 +170,8 @@ def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strengt
         edit = dataclasses.replace(edit, bottleneck=_encoder_state(dragnoise, model, b).bottleneck.float().cpu())
         with torch.inference_mode():
             image = vae.decode(dragnoise.propagation.propagated_sample(model, a, edit, halt_step))[0].numpy()
-        moved_fractions.append(measure.score_drag(scene, index, drag, image)["moved_fraction"])
-    return moved_fractions
+        scores.append(measure.score_drag(scene, index, drag, image))
+    return scores
 
 
 def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3, seed=5, strength=0.7, shaded=False):
@@ -223,9 +224,11 @@ def main(argv=None):
         share = bottleneck_share(model.model.diffusion_model, shaded=args.shaded)
         rms = bottleneck_rms(model.model.diffusion_model, shaded=args.shaded)
     print(f"bottleneck share of the layout at t={EDIT_TIMESTEP}: {share:.3f}; bottleneck RMS {rms:.2f}")
-    moved = truth_substitution(dragnoise, model, vae, positive, args.cases, shaded=args.shaded)
+    scores = truth_substitution(dragnoise, model, vae, positive, args.cases, shaded=args.shaded)
     print("truly moved scene's bottleneck propagated: the object moved "
-          + ", ".join(f"{100 * m:.0f}%" for m in moved) + " of the drag")
+          + ", ".join(f"{100 * s['moved_fraction']:.0f}%" for s in scores) + " of the drag; overlap with where it should be "
+          + ", ".join(f"{s['overlap']:.2f}" for s in scores) + "; colour error there "
+          + ", ".join(f"{s['object_mae']:.0f}" for s in scores) + " / 255")
     rows = motion_alignment(dragnoise, model, vae, positive, cases=args.cases, shaded=args.shaded)
     print("motion loss's first step toward the truly moved bottleneck (cosine), patch radius 1 / 4 / 12: "
           + "; ".join(" / ".join(f"{c:.2f}" for c in row) for row in rows))
