@@ -27,7 +27,7 @@ if not (COMFY_DIR / "main.py").is_file():
     raise RuntimeError(f"No ComfyUI at {COMFY_DIR}; run scripts/test.sh (it sets everything up).")
 sys.path[:0] = [str(COMFY_DIR), str(STUBS)]
 sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
-from scripts.comfy_local import TOY_NODES, ComfyServer, init_custom_nodes, pack_module, user_dir  # noqa: F401  # noqa: E402
+from scripts.comfy_local import TOY_NODES, ComfyServer, init_custom_nodes, pack_module, user_dir  # noqa: E402, F401
 
 import comfy.options  # noqa: E402  (ComfyUI must be configured before model_management loads)
 

@@ -244,6 +244,9 @@ def test_committed_model_takes_little_of_its_layout_from_the_bottleneck(toy, com
     (truth,) = probe.truth_substitution(dragnoise, model, vae, positive, cases=1)
     assert abs(truth["moved_fraction"]) < 0.2, truth
     assert truth["overlap"] < 0.5, truth  # so not the drag the demo test asks for either
+    # From Gaussian noise instead of the inverted latent (the model must generate): another picture.
+    (generated,) = probe.truth_substitution(dragnoise, model, vae, positive, cases=1, forward_noised=True)
+    assert generated["overlap"] < 0.5 and generated["object_mae"] != truth["object_mae"], (generated, truth)
     # The motion loss's gradient does not head for the moved scene's bottleneck (0.15-0.45 on the
     # --moved-interpolate model of toy/README.md).
     (alignment,) = probe.motion_alignment(dragnoise, model, vae, positive, radii=(1, 12), cases=1)
