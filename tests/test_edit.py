@@ -1,6 +1,5 @@
 """The DragNoise edit: Bottleneck Optimize, propagation as a sampler and as a model patch."""
 
-
 import pytest
 import torch
 

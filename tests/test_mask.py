@@ -11,8 +11,6 @@ from conftest import pack_module
 
 @pytest.fixture(scope="module")
 def mask_mod(comfy):
-    import sys
-
     return pack_module("dragnoise.mask")
 
 

@@ -10,8 +10,6 @@ from conftest import pack_module
 
 @pytest.fixture(scope="module")
 def points_mod(comfy):
-    import sys
-
     return pack_module("dragnoise.points")
 
 
