@@ -55,8 +55,8 @@ def scene_latent(images):
     """
     x = torch.as_tensor(images, dtype=torch.float32).movedim(-1, 1)
     blocks = torch.nn.functional.avg_pool2d(x, 8)
-    axes = torch.from_numpy(_COLOUR_AXES)
-    colour = torch.einsum("ck,bkhw->bchw", axes, blocks - 0.5) * torch.from_numpy(_COLOUR_GAIN)[:, None, None]
+    axes = torch.from_numpy(_COLOUR_AXES).to(x)
+    colour = torch.einsum("ck,bkhw->bchw", axes, blocks - 0.5) * torch.from_numpy(_COLOUR_GAIN).to(x)[:, None, None]
     luminance = x.mean(1, keepdim=True)
     contrast = (torch.nn.functional.avg_pool2d(luminance ** 2, 8) - torch.nn.functional.avg_pool2d(luminance, 8) ** 2)
     contrast = contrast.clamp_min(0).sqrt() * _CONTRAST_GAIN - 0.8
@@ -158,8 +158,8 @@ def save(path, unet, autoencoder, metadata=None):
     """Writes both networks (fp16) into one safetensors file."""
     import safetensors.torch
 
-    sd = {"unet." + k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
-    sd.update({"vae." + k: v.detach().half().contiguous() for k, v in autoencoder.state_dict().items()})
+    sd = {"unet." + k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()}
+    sd.update({"vae." + k: v.detach().half().cpu().contiguous() for k, v in autoencoder.state_dict().items()})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     safetensors.torch.save_file(sd, path, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
@@ -175,13 +175,18 @@ def read(path=WEIGHTS):
             {k[len("vae."):]: v.float() for k, v in sd.items() if k.startswith("vae.")})
 
 
-def trained_on_shaded(path=WEIGHTS):
-    """Whether a weights file was trained on shaded objects (``train.py --shaded``, recorded in its
-    metadata): drags on it should use shaded scenes too."""
+def metadata(path=WEIGHTS):
+    """The settings ``train.py`` recorded in a weights file (all values strings)."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        return (f.metadata() or {}).get("shaded") == "True"
+        return f.metadata() or {}
+
+
+def trained_on_shaded(path=WEIGHTS):
+    """Whether a weights file was trained on shaded objects (``train.py --shaded``, recorded in its
+    metadata): drags on it should use shaded scenes too."""
+    return metadata(path).get("shaded") == "True"
 
 
 def load(path=WEIGHTS):

@@ -85,7 +85,8 @@ def _predict_noise(unet, zt, timestep, patch):
     """[B, 4, h, w] the toy U-Net's eps prediction for z_t [B, 4, h, w] at ``timestep``, with the
     toy's prompt and one ``output_block_patch``."""
     n = len(zt)
-    return unet(zt, timesteps=torch.full((n,), float(timestep)), context=toy_model.default_conditioning().expand(n, -1, -1),
+    context = toy_model.default_conditioning().to(zt).expand(n, -1, -1)
+    return unet(zt, timesteps=torch.full((n,), float(timestep), device=zt.device), context=context,
                 transformer_options={"patches": {"output_block_patch": [patch]}})
 
 
@@ -101,6 +102,8 @@ def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False
     a_scenes = toy_model.scene_latent(np.stack([a.render() for a, _, _ in pairs]))
     b_scenes = toy_model.scene_latent(np.stack([b.render() for _, _, b in pairs]))
     eps = torch.randn(a_scenes.shape, generator=torch.Generator().manual_seed(seed))
+    device = next(unet.parameters()).device
+    a_scenes, b_scenes, eps = a_scenes.to(device), b_scenes.to(device), eps.to(device)
     ab = alphas_cumprod()[timestep]
 
     def x0_prediction(z0, swap):
@@ -125,7 +128,7 @@ def bottleneck_rms(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False):
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     ab = alphas_cumprod()[timestep]
     scale = BottleneckScale()
-    _predict_noise(unet, noised(z0, eps, ab), timestep, scale)
+    _predict_noise(unet, noised(z0, eps, ab).to(next(unet.parameters()).device), timestep, scale)
     return float(scale.mean_square.mean().sqrt())
 
 

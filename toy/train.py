@@ -22,14 +22,14 @@ Phases:
    scene and the same scene with one object moved: the decoder sees the first's noisy latent
    and skips with the second's bottleneck and learns to predict the second. With
    ``--skipless-blocks 11 --moved-pairs 0.5`` the bottleneck's share of the layout goes from 0.01
-   to 0.59 (toy/README.md). ``--shaded`` trains on shaded objects; ``--bottleneck-rms`` rescales
+   to 0.59 (toy/FINDINGS.md). ``--shaded`` trains on shaded objects; ``--bottleneck-rms`` rescales
    the trained bottleneck exactly (``model.rescale_bottleneck``) so that Adam's learning rate
    reaches it (both off for the committed weights).
 
 3. Optionally (``--align-steps``, off for the committed weights), a fine-tune that trains the
    motion loss's gradient itself to head for the moved scene's bottleneck
    (``train_drag_alignment``): the optimization, not only the decoder, is what has to find the
-   moved object (toy/README.md).
+   moved object (toy/FINDINGS.md).
 """
 
 import argparse
@@ -123,7 +123,7 @@ def lr_at(step, total, peak, warmup):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(ae, source, steps, batch, lr, start):
+def train_vae(ae, source, steps, batch, lr, start, device=torch.device("cpu")):
     """TAESD encoder: image in [0, 1] -> scene latent in model units (MSE); decoder: scene latent
     -> image (L1). ComfyUI's TAESD wrapper scales by ``vae_scale`` (SD1.5's 0.18215) on the way in
     and out, so its raw latents are the usual raw VAE units."""
@@ -132,12 +132,12 @@ def train_vae(ae, source, steps, batch, lr, start):
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(100, steps // 10 + 1))
-        images = torch.from_numpy(source.images(batch, crop=64))
+        images = torch.from_numpy(source.images(batch, crop=64)).to(device)
         target = toy_model.scene_latent(images)
         pixels = images.movedim(-1, 1)
         # The decoder sees slightly perturbed latents: the U-Net's outputs are never exact.
         noisy = target + 0.05 * torch.randn_like(target)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             encoded = ae.taesd_encoder(pixels)
             decoded = ae.taesd_decoder(noisy)
         enc_loss = torch.nn.functional.mse_loss(encoded.float(), target)
@@ -186,8 +186,9 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
     ``bottleneck_noise`` adds noise of that many times its RMS to every bottleneck, so that
     directions no scene moves the bottleneck in change little downstream.
     """
-    ab = alphas_cumprod()
-    context = toy_model.default_conditioning()
+    device = next(unet.parameters()).device
+    ab = alphas_cumprod().to(device)
+    context = toy_model.default_conditioning().to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     for step in range(steps):
@@ -200,14 +201,15 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
         k = min(n // 2, round(n * moved_fraction / 2))
         scenes, moved, partial, shares = source.moved_pairs(k, crop, moved_interpolate) if k else ((), (), (), None)
         images = np.concatenate([x for x in (scenes, source.images(n - 2 * k, crop), moved) if len(x)])
-        z0 = toy_model.scene_latent(images)
-        goal = toy_model.scene_latent(partial) if k and moved_interpolate else z0[-k:]
+        z0 = toy_model.scene_latent(images).to(device)
+        goal = toy_model.scene_latent(partial).to(device) if k and moved_interpolate else z0[-k:]
         t = torch.randint(0, 1000, (n,))
         eps = torch.randn_like(z0)
         if k:
             t[:k] = torch.randint(moved_min_t, 1000, (k,))
             t[-k:] = (t[:k] + torch.randint(0, moved_lag + 1, (k,))).clamp(max=999) if moved_lag else t[:k]
             eps[-k:] = eps[:k]
+        t = t.to(device)
         a = ab[t][:, None, None, None]
         zt = noised(z0, eps, a)
         target, weight = eps.clone(), torch.ones_like(a)
@@ -266,8 +268,9 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
     from types import SimpleNamespace
 
     feat, optimize = dragnoise.features, dragnoise.optimize
-    ab = alphas_cumprod()
-    context = toy_model.default_conditioning()
+    device = next(unet.parameters()).device
+    ab = alphas_cumprod().to(device)
+    context = toy_model.default_conditioning().to(device)
     decoder = feat.Decoder(unet, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], with_output=False)
     grid = (toy_model.IMAGE_SIZE // optimize.FEATURE_SCALE,) * 2
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
@@ -275,11 +278,12 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(20, steps // 10 + 1))
         a, b, part, shares, handles, directions = source.drag_cases(pairs)
-        handles = handles / optimize.FEATURE_SCALE  # onto the supervision-feature grid
+        shares, directions = shares.to(device), directions.to(device)
+        handles = handles.to(device) / optimize.FEATURE_SCALE  # onto the supervision-feature grid
         t = int(torch.randint(560, 801, ()))
-        eps = torch.randn((pairs, 4) + (toy_model.IMAGE_SIZE // 8,) * 2)
+        eps = torch.randn((pairs, 4) + (toy_model.IMAGE_SIZE // 8,) * 2).to(device)
         alpha = ab[t]
-        za, zb, zpart = (toy_model.scene_latent(x) for x in (a, b, part))
+        za, zb, zpart = (toy_model.scene_latent(x).to(device) for x in (a, b, part))
         zta, ztb = (noised(z, eps, alpha) for z in (za, zb))
         # A bare U-Net has no model patches: run_encoder reads only model_options from its model.
         enc = feat.run_encoder(SimpleNamespace(model_options={}), unet, torch.cat([zta, ztb]), t, 0.0,
@@ -305,15 +309,15 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
                 s = s_path.clone().requires_grad_(True)
                 (grad,) = torch.autograd.grad(motion_at(s), s, create_graph=True)
                 cosine = torch.nn.functional.cosine_similarity(-grad.flatten(1), (s_b - s_path).flatten(1), dim=1)
-            z_plain = toy_model.scene_latent(source.images(plain))
-            t_plain = torch.randint(0, 1000, (plain,))
+            z_plain = toy_model.scene_latent(source.images(plain)).to(device)
+            t_plain = torch.randint(0, 1000, (plain,)).to(device)
             eps_plain = torch.randn_like(z_plain)
             a_plain = ab[t_plain][:, None, None, None]
             zt_plain = noised(z_plain, eps_plain, a_plain)
             moved, moved_weight = moved_target(zta, zpart, alpha)
             target = torch.cat([moved, eps_plain])
             scale = torch.cat([moved_weight.expand(pairs, 1, 1, 1), torch.ones_like(a_plain)])
-            pred = unet(torch.cat([zta, zt_plain]), timesteps=torch.cat([torch.full((pairs,), t), t_plain]).float(),
+            pred = unet(torch.cat([zta, zt_plain]), timesteps=torch.cat([torch.full((pairs,), t, device=device), t_plain]).float(),
                         context=context.expand(pairs + plain, -1, -1),
                         transformer_options={"patches": {"output_block_patch": [SetBottleneck(s_part)]}})
             diffusion = (scale * (pred - target) ** 2).mean()
@@ -334,7 +338,9 @@ def main(argv=None):
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--unet-steps", type=int, default=1200)
     parser.add_argument("--full-steps", type=int, default=200, help="of the U-Net steps, how many use whole 32x32 latents (at the end)")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="U-Net batch of 16x16 crops")
+    parser.add_argument("--full-batch", type=int, default=0, help="U-Net batch of whole 32x32 latents (0: a quarter of --batch)")
+    parser.add_argument("--unet-lr", type=float, default=1e-3, help="peak learning rate of the U-Net (lower to continue a trained one)")
     parser.add_argument("--skipless-blocks", type=int, default=9,
                         help="how many of the decoder's first blocks take no skip feature (0: plain SD1.5 training)")
     parser.add_argument("--moved-pairs", type=float, default=0.0,
@@ -360,12 +366,16 @@ def main(argv=None):
     parser.add_argument("--shaded", action="store_true", help="train on shaded objects (scenes.random_scene(shaded=True))")
     parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train (default: the GPU when there is one)")
     parser.add_argument("--quick", action="store_true", help="a few steps of each phase (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.vae_steps, args.unet_steps, args.full_steps, args.batch = 3, 4, 2, 4
         args.align_steps, args.align_pairs, args.align_plain = min(args.align_steps, 2), 2, 2
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dragnoise = comfy_env.start(pytorch_attention=True)
     torch.manual_seed(args.seed)
     start = time.time()
@@ -376,12 +386,19 @@ def main(argv=None):
         unet_sd, vae_sd = toy_model.read(args.init)
         base.diffusion_model.load_state_dict(unet_sd)
         ae.load_state_dict(vae_sd)
-    train_vae(ae, SceneSource(args.seed + 1, args.shaded), args.vae_steps, 16, 1e-3, start)
+        settings = toy_model.metadata(args.init)
+        if float(settings.get("bottleneck_rms", 0)) and args.unet_steps:
+            # Adam's per-weight steps are too large for the rescaled weights (10 steps broke a model,
+            # toy/FINDINGS.md): continue from the trained scale, and rescale again at the end.
+            undo = float(settings["trained_bottleneck_rms"]) / float(settings["bottleneck_rms"])
+            toy_model.rescale_bottleneck(base.diffusion_model, undo)
+            log(f"{args.init}: bottleneck rescaling undone (x{undo:.2f}) to continue training", start)
+    train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded), args.vae_steps, 16, 1e-3, start, device)
 
-    unet = base.diffusion_model.train()
+    unet = base.diffusion_model.to(device).train()
     hold_skips_at_zero(unet, range(args.skipless_blocks))
     ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded), args.unet_steps, args.unet_steps - args.full_steps,
-                     args.batch, max(1, args.batch // 4), 1e-3, start, dragnoise.features.backward_safe,
+                     args.batch, args.full_batch or max(1, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
                      args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise)
     unet.load_state_dict(ema)
     rms = bottleneck_rms(unet.eval(), shaded=args.shaded)
@@ -395,7 +412,7 @@ def main(argv=None):
     log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
-        "full_steps": args.full_steps, "batch": args.batch, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
+        "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
         "bottleneck_rms": args.bottleneck_rms, "shaded": args.shaded, "align_steps": args.align_steps,
