@@ -166,6 +166,15 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     # Not rescaled back, its RMS would start at 4.
     assert abs(np.log(float(continued["trained_bottleneck_rms"]) / trained)) < abs(np.log(4.0 / trained)) / 2
 
+    # A run that keeps the rescaling (no U-Net steps, as the drag-alignment fine-tunes) records it,
+    # so that continuing its output can undo it in turn.
+    kept = tmp_path / "kept.safetensors"
+    run = run_quick("toy/train.py", kept, 600, "--init", str(out), "--vae-steps", "0", "--unet-steps", "0",
+                    "--full-steps", "0", "--skipless-blocks", "11", "--shaded", "--device", "cpu")
+    assert "unet step" not in run.stdout and "undone" not in run.stdout, run.stdout[-2000:]
+    kept_meta = toy_model.metadata(str(kept))
+    assert kept_meta["bottleneck_rms"] == "4.0" and float(kept_meta["trained_bottleneck_rms"]) == trained
+
 
 def test_moved_pair_moves_one_object_and_keeps_the_rest():
     scene, index, moved = scenes.moved_pair(np.random.default_rng(4))

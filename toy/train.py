@@ -370,8 +370,9 @@ def main(argv=None):
                         help="where to train (default: the GPU when there is one)")
     parser.add_argument("--quick", action="store_true", help="a few steps of each phase (smoke test)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.vae_steps, args.unet_steps, args.full_steps, args.batch = 3, 4, 2, 4
+    if args.quick:  # caps each phase, so a phase asked to be skipped stays skipped
+        args.vae_steps, args.unet_steps, args.full_steps = min(args.vae_steps, 3), min(args.unet_steps, 4), min(args.full_steps, 2)
+        args.batch = 4
         args.align_steps, args.align_pairs, args.align_plain = min(args.align_steps, 2), 2, 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -382,6 +383,7 @@ def main(argv=None):
 
     ae = toy_model.build_autoencoder(args.seed)
     base = toy_model.build_unet(args.seed)
+    kept_rescaling = None  # (bottleneck_rms, trained_bottleneck_rms) of an --init whose rescaling is kept
     if args.init:
         unet_sd, vae_sd = toy_model.read(args.init)
         base.diffusion_model.load_state_dict(unet_sd)
@@ -393,6 +395,9 @@ def main(argv=None):
             undo = float(settings["trained_bottleneck_rms"]) / float(settings["bottleneck_rms"])
             toy_model.rescale_bottleneck(base.diffusion_model, undo)
             log(f"{args.init}: bottleneck rescaling undone (x{undo:.2f}) to continue training", start)
+        elif float(settings.get("bottleneck_rms", 0)):
+            # The rescaling stays: record the scale it was trained at, so a later run can still undo it.
+            kept_rescaling = float(settings["bottleneck_rms"]), float(settings["trained_bottleneck_rms"])
     train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded), args.vae_steps, 16, 1e-3, start, device)
 
     unet = base.diffusion_model.to(device).train()
@@ -409,13 +414,16 @@ def main(argv=None):
         train_drag_alignment(unet.train(), SceneSource(args.seed + 3, args.shaded), args.align_steps, args.align_pairs,
                              args.align_plain, args.align_lr, args.align_weight, start, dragnoise, args.align_path_steps)
     share = bottleneck_share(unet.eval(), shaded=args.shaded)
+    if kept_rescaling:
+        rms = kept_rescaling[1]
+    target_rms = args.bottleneck_rms or (kept_rescaling[0] if kept_rescaling else 0.0)
     log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
-        "bottleneck_rms": args.bottleneck_rms, "shaded": args.shaded, "align_steps": args.align_steps,
+        "bottleneck_rms": target_rms, "shaded": args.shaded, "align_steps": args.align_steps,
         "align_pairs": args.align_pairs, "align_plain": args.align_plain, "align_lr": args.align_lr,
         "align_weight": args.align_weight, "align_path_steps": args.align_path_steps,
         "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(rms, 3), "init": args.init or "", "seconds": round(time.time() - start)})
