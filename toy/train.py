@@ -368,7 +368,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to train (default: the GPU when there is one)")
-    parser.add_argument("--quick", action="store_true", help="a few steps of each phase (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="at most a few steps of each phase (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:  # caps each phase, so a phase asked to be skipped stays skipped
         args.vae_steps, args.unet_steps, args.full_steps = min(args.vae_steps, 3), min(args.unet_steps, 4), min(args.full_steps, 2)
