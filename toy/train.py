@@ -389,15 +389,16 @@ def main(argv=None):
         base.diffusion_model.load_state_dict(unet_sd)
         ae.load_state_dict(vae_sd)
         settings = toy_model.metadata(args.init)
-        if float(settings.get("bottleneck_rms", 0)) and args.unet_steps:
-            # Adam's per-weight steps are too large for the rescaled weights (10 steps broke a model,
-            # toy/FINDINGS.md): continue from the trained scale, and rescale again at the end.
-            undo = float(settings["trained_bottleneck_rms"]) / float(settings["bottleneck_rms"])
-            toy_model.rescale_bottleneck(base.diffusion_model, undo)
-            log(f"{args.init}: bottleneck rescaling undone (x{undo:.2f}) to continue training", start)
-        elif float(settings.get("bottleneck_rms", 0)):
-            # The rescaling stays: record the scale it was trained at, so a later run can still undo it.
-            kept_rescaling = float(settings["bottleneck_rms"]), float(settings["trained_bottleneck_rms"])
+        if float(settings.get("bottleneck_rms", 0)):
+            rescaling = float(settings["bottleneck_rms"]), float(settings["trained_bottleneck_rms"])
+            if args.unet_steps:
+                # Adam's per-weight steps are too large for the rescaled weights (10 steps broke a
+                # model, toy/FINDINGS.md): continue from the trained scale, and rescale again at the end.
+                undo = rescaling[1] / rescaling[0]
+                toy_model.rescale_bottleneck(base.diffusion_model, undo)
+                log(f"{args.init}: bottleneck rescaling undone (x{undo:.2f}) to continue training", start)
+            else:  # the rescaling stays: record the scale it was trained at, so a later run can still undo it
+                kept_rescaling = rescaling
     train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded), args.vae_steps, 16, 1e-3, start, device)
 
     unet = base.diffusion_model.to(device).train()
@@ -414,19 +415,17 @@ def main(argv=None):
         train_drag_alignment(unet.train(), SceneSource(args.seed + 3, args.shaded), args.align_steps, args.align_pairs,
                              args.align_plain, args.align_lr, args.align_weight, start, dragnoise, args.align_path_steps)
     share = bottleneck_share(unet.eval(), shaded=args.shaded)
-    if kept_rescaling:
-        rms = kept_rescaling[1]
-    target_rms = args.bottleneck_rms or (kept_rescaling[0] if kept_rescaling else 0.0)
+    target_rms, trained_rms = kept_rescaling or (0.0, rms)
     log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
-        "bottleneck_rms": target_rms, "shaded": args.shaded, "align_steps": args.align_steps,
+        "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "align_steps": args.align_steps,
         "align_pairs": args.align_pairs, "align_plain": args.align_plain, "align_lr": args.align_lr,
         "align_weight": args.align_weight, "align_path_steps": args.align_path_steps,
-        "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(rms, 3), "init": args.init or "", "seconds": round(time.time() - start)})
+        "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(trained_rms, 3), "init": args.init or "", "seconds": round(time.time() - start)})
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", start)
 
 
