@@ -103,6 +103,7 @@ def test_toy_model_is_sd15_type_and_its_vae_encodes_the_scene_latent(toy, comfy)
     check = pack_module("dragnoise.model_check")
     unet = check.sd15_unet(model)
     assert unet.model_channels == 32 and len(unet.output_blocks) == 12
+    assert {m.heads for m in unet.modules() if hasattr(m, "heads")} == {8}  # SD1.5's; the file records none
     scene = a_scene(5)
     image = torch.from_numpy(scene.render())[None]
     with torch.inference_mode():
@@ -134,18 +135,19 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
 
     out = tmp_path / "toy.safetensors"
     run = run_quick("toy/train.py", out, 600, "--moved-pairs", "0.5", "--skipless-blocks", "11", "--moved-interpolate",
-                    "--shaded", "--bottleneck-rms", "4", "--align-steps", "2", "--align-path-steps", "2")
+                    "--shaded", "--bottleneck-rms", "4", "--align-steps", "2", "--align-path-steps", "2", "--heads", "1")
     assert "unet step 4/4" in run.stdout and "moved pairs" in run.stdout and "bottleneck rescaled" in run.stdout
     alignment = re.search(r"drag alignment step 2/2: diffusion loss ([-\d.e]+), cosine ([-\d.e]+)", run.stdout)
     assert alignment and all(np.isfinite(float(v)) for v in alignment.groups()), run.stdout[-2000:]
     with torch.inference_mode():
         model, vae, _ = toy_model.load(str(out))
     assert model.model.diffusion_model.model_channels == 32
+    assert {m.heads for m in model.model.diffusion_model.modules() if hasattr(m, "heads")} == {1}
     with safetensors.safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["moved_pairs"] == "0.5" and meta["skipless_blocks"] == "11" and meta["moved_interpolate"] == "True"
     assert meta["shaded"] == "True" and meta["bottleneck_rms"] == "4.0" and float(meta["trained_bottleneck_rms"]) > 0
-    assert meta["align_steps"] == "2" and meta["align_path_steps"] == "2"
+    assert meta["align_steps"] == "2" and meta["align_path_steps"] == "2" and meta["attention_heads"] == "1"
     assert toy_model.trained_on_shaded(str(out))  # so the demo and the benchmark drag shaded scenes on it
     safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
     assert not toy_model.trained_on_shaded(str(tmp_path / "bare.safetensors"))
@@ -162,6 +164,7 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     assert "bottleneck rescaling undone" in run.stdout and "unet step 4/4 (32x32)" in run.stdout, run.stdout[-2000:]
     continued = toy_model.metadata(str(more))
     assert continued["bottleneck_rms"] == "0.0" and continued["unet_lr"] == "0.0003" and continued["full_batch"] == "2"
+    assert continued["attention_heads"] == "1"  # an --init keeps the heads it was trained with
     trained = float(meta["trained_bottleneck_rms"])
     # Not rescaled back, its RMS would start at 4.
     assert abs(np.log(float(continued["trained_bottleneck_rms"]) / trained)) < abs(np.log(4.0 / trained)) / 2

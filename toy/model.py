@@ -63,13 +63,18 @@ def scene_latent(images):
     return torch.cat([colour, contrast], dim=1)
 
 
-def build_unet(seed=0):
-    """A ComfyUI ``BaseModel`` (eps, SD15 latent format) with the toy U-Net, seeded init."""
+def build_unet(seed=0, heads=8):
+    """A ComfyUI ``BaseModel`` (eps, SD15 latent format) with the toy U-Net, seeded init.
+
+    ``heads``: attention heads per transformer. SD1.5's 8 heads leave 4 channels per head at the
+    toy's width, which the CPU attention kernels run about twice as slow as 1 head of 32
+    (BENCHMARKS.md); the weights' shapes are the same either way."""
     import comfy.model_base
     import comfy.supported_models
 
-    base = comfy.model_base.BaseModel(comfy.supported_models.SD15(unet_config()),
-                                      model_type=comfy.model_base.ModelType.EPS)
+    config = comfy.supported_models.SD15(unet_config())
+    config.unet_config["num_heads"] = heads  # after SD15's own, which sets 8
+    base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS)
     _init(base.diffusion_model, seed)
     return base
 
@@ -189,6 +194,11 @@ def trained_on_shaded(path=WEIGHTS):
     return metadata(path).get("shaded") == "True"
 
 
+def attention_heads(path=WEIGHTS):
+    """The attention heads a weights file was trained with (``train.py --heads``; 8 if not recorded)."""
+    return int(metadata(path).get("attention_heads", 8))
+
+
 def load(path=WEIGHTS):
     """(MODEL, VAE, CONDITIONING) as ComfyUI's loaders and CLIP Text Encode would return them."""
     import comfy.model_management
@@ -196,7 +206,7 @@ def load(path=WEIGHTS):
     import comfy.sd
 
     unet_sd, vae_sd = read(path)
-    base = build_unet()
+    base = build_unet(heads=attention_heads(path))
     base.diffusion_model.load_state_dict(unet_sd)
     base.eval()
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),

@@ -26,6 +26,11 @@ Phases:
    the trained bottleneck exactly (``model.rescale_bottleneck``) so that Adam's learning rate
    reaches it (both off for the committed weights).
 
+   ``--heads 1`` (the committed weights have SD1.5's 8) gives the transformers one attention head
+   of the top level's 32 channels instead of 8 of 4, which PyTorch's CPU attention runs about 2.2
+   times faster per training step on 2 cores (bench/bench_toy_training.py, BENCHMARKS.md), so whole 32x32 latents cost
+   little more than crops.
+
 3. Optionally (``--align-steps``, off for the committed weights), a fine-tune that trains the
    motion loss's gradient itself to head for the moved scene's bottleneck
    (``train_drag_alignment``): the optimization, not only the decoder, is what has to find the
@@ -364,6 +369,8 @@ def main(argv=None):
     parser.add_argument("--align-path-steps", type=int, default=0,
                         help="take the drag alignment's cosine after up to this many sign moves of 0.05 along the motion loss")
     parser.add_argument("--shaded", action="store_true", help="train on shaded objects (scenes.random_scene(shaded=True))")
+    parser.add_argument("--heads", type=int, default=8,
+                        help="attention heads per transformer (SD1.5's 8; 1 trains about twice as fast on a CPU); an --init keeps its own")
     parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -382,7 +389,9 @@ def main(argv=None):
     start = time.time()
 
     ae = toy_model.build_autoencoder(args.seed)
-    base = toy_model.build_unet(args.seed)
+    if args.init:
+        args.heads = toy_model.attention_heads(args.init)
+    base = toy_model.build_unet(args.seed, args.heads)
     kept_rescaling = None  # (bottleneck_rms, trained_bottleneck_rms) of an --init whose rescaling is kept
     if args.init:
         unet_sd, vae_sd = toy_model.read(args.init)
@@ -422,7 +431,7 @@ def main(argv=None):
         "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
-        "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "align_steps": args.align_steps,
+        "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "attention_heads": args.heads, "align_steps": args.align_steps,
         "align_pairs": args.align_pairs, "align_plain": args.align_plain, "align_lr": args.align_lr,
         "align_weight": args.align_weight, "align_path_steps": args.align_path_steps,
         "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(trained_rms, 3), "init": args.init or "", "seconds": round(time.time() - start)})
