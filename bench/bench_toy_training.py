@@ -25,7 +25,7 @@ def time_step(dragnoise, heads, batch, steps):
 
     unet = toy_model.build_unet(seed=0, heads=heads).diffusion_model.float().train()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn([batch, 4, 32, 32], generator=gen)
+    x = torch.randn([batch, 4] + [toy_model.IMAGE_SIZE // 8] * 2, generator=gen)
     t = torch.full([batch], 500.0)
     context = toy_model.default_conditioning().expand(batch, -1, -1)
     times = []

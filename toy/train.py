@@ -28,8 +28,8 @@ Phases:
 
    ``--heads 1`` (the committed weights have SD1.5's 8) gives the transformers one attention head
    of the top level's 32 channels instead of 8 of 4, which PyTorch's CPU attention runs about 2.2
-   times faster per training step on 2 cores (bench/bench_toy_training.py, BENCHMARKS.md), so whole 32x32 latents cost
-   little more than crops.
+   times faster per training step on 2 cores (bench/bench_toy_training.py, BENCHMARKS.md). In
+   the one-head run of toy/FINDINGS.md a step of 8 whole latents took 0.85 s, one of 32 crops 1.25 s.
 
 3. Optionally (``--align-steps``, off for the committed weights), a fine-tune that trains the
    motion loss's gradient itself to head for the moved scene's bottleneck
