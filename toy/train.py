@@ -51,41 +51,46 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import comfy_env  # noqa: E402
+from toy import batch_render  # noqa: E402
 from toy import model as toy_model  # noqa: E402
 from toy.probe import BottleneckScale, NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_rms, bottleneck_share, noised  # noqa: E402
 from toy.scenes import moved_pair, moved_part_way, pair_drag, random_scene  # noqa: E402
 
 
 class SceneSource:
-    """Random scenes at the toy's size, rendered on demand from one seeded generator."""
+    """Random scenes at the toy's size, drawn on demand from one seeded generator. Rendered by
+    the numpy renderer into numpy arrays, or, given a ``device``, by ``toy.batch_render`` into
+    tensors on it (the same pixels, a whole batch at once on that device)."""
 
-    def __init__(self, seed, shaded=False):
+    def __init__(self, seed, shaded=False, device=None):
         self.rng = np.random.default_rng(seed)
         self.shaded = shaded
+        self.device = device
 
     def images(self, n, crop=None):
         """[n, crop, crop, 3] float32 images (whole scenes when ``crop`` is None), randomly
         flipped and rotated by multiples of 90 degrees."""
-        return np.stack([self._augment([random_scene(self.rng, toy_model.IMAGE_SIZE, shaded=self.shaded).render()], crop)[0]
-                         for _ in range(n)])
+        scenes, views = [], []
+        for _ in range(n):
+            scenes.append(random_scene(self.rng, toy_model.IMAGE_SIZE, shaded=self.shaded))
+            views.append(self._view(crop))
+        return self._augment(self._render(scenes), views, crop)
 
     def moved_pairs(self, n, crop=None, interpolate=False):
         """Three [n, crop, crop, 3] arrays and [n] shares: scenes, the same scenes with one object
         moved by up to a third of the image, and with it moved a random share of that way (all the
         way unless ``interpolate``); same crop, rotation and flip."""
-        pairs, shares = [], []
+        a, b, part, shares, views = [], [], [], [], []
         for _ in range(n):
             scene, index, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE, shaded=self.shaded)
-            images = [scene.render(), moved.render()]
-            if interpolate:
-                shares.append(float(self.rng.uniform(0, 1)))
-                images.append(moved_part_way(scene, index, moved, shares[-1]).render())
-            pairs.append(self._augment(images, crop))
-        arrays = [np.stack(p) for p in zip(*pairs)]
-        if not interpolate:  # moved all the way: the part-way images are the moved ones
-            arrays.append(arrays[1])
-            shares = [1.0] * n
-        return tuple(arrays) + (torch.tensor(shares),)
+            a.append(scene)
+            b.append(moved)
+            shares.append(float(self.rng.uniform(0, 1)) if interpolate else 1.0)
+            part.append(moved_part_way(scene, index, moved, shares[-1]) if interpolate else moved)
+            views.append(self._view(crop))
+        a, b = (self._augment(self._render(s), views, crop) for s in (a, b))
+        part = self._augment(self._render(part), views, crop) if interpolate else b
+        return a, b, part, torch.tensor(shares)
 
     def drag_cases(self, n):
         """Moved pairs as a drag sees them, whole scenes, no augmentation: three [n, S, S, 3] arrays
@@ -108,14 +113,29 @@ class SceneSource:
         return (np.stack(a), np.stack(b), np.stack(part), torch.tensor(shares).float(), torch.tensor(handles).float(),
                 torch.tensor(np.stack(directions)).float())
 
-    def _augment(self, images, crop):
-        """The same random crop (on the latent grid), rotation and flip of every image."""
-        if crop:
-            y, x = (int(v) * 8 for v in self.rng.integers(0, (toy_model.IMAGE_SIZE - crop) // 8 + 1, size=2))
-            images = [image[y:y + crop, x:x + crop] for image in images]
-        k, flip = int(self.rng.integers(4)), self.rng.random() < 0.5
-        images = [np.rot90(image, k) for image in images]
-        return [np.ascontiguousarray(image[:, ::-1] if flip else image) for image in images]
+    def _render(self, scenes):
+        if self.device is None:
+            return np.stack([s.render() for s in scenes])
+        return batch_render.render(scenes, self.device)
+
+    def _view(self, crop):
+        """A random crop (its top-left corner on the latent grid), rotation and flip."""
+        corner = tuple(int(v) * 8 for v in self.rng.integers(0, (toy_model.IMAGE_SIZE - crop) // 8 + 1, size=2)) if crop else None
+        return corner, int(self.rng.integers(4)), bool(self.rng.random() < 0.5)
+
+    def _augment(self, images, views, crop):
+        """Image i of the [n, S, S, 3] batch ``images`` cropped, rotated and flipped as ``views[i]``."""
+        out = []
+        for image, (corner, k, flip) in zip(images, views):
+            if corner:
+                image = image[corner[0]:corner[0] + crop, corner[1]:corner[1] + crop]
+            if torch.is_tensor(image):
+                image = torch.rot90(image, k, dims=(0, 1))
+                out.append(torch.flip(image, dims=(1,)) if flip else image)
+            else:
+                image = np.rot90(image, k)
+                out.append(np.ascontiguousarray(image[:, ::-1] if flip else image))
+        return torch.stack(out) if torch.is_tensor(images) else np.stack(out)
 
 
 def log(message, start):
@@ -137,7 +157,7 @@ def train_vae(ae, source, steps, batch, lr, start, device=torch.device("cpu")):
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(100, steps // 10 + 1))
-        images = torch.from_numpy(source.images(batch, crop=64)).to(device)
+        images = torch.as_tensor(source.images(batch, crop=64)).to(device)
         target = toy_model.scene_latent(images)
         pixels = images.movedim(-1, 1)
         # The decoder sees slightly perturbed latents: the U-Net's outputs are never exact.
@@ -205,7 +225,7 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
         crop = None if full else 128
         k = min(n // 2, round(n * moved_fraction / 2))
         scenes, moved, partial, shares = source.moved_pairs(k, crop, moved_interpolate) if k else ((), (), (), None)
-        images = np.concatenate([x for x in (scenes, source.images(n - 2 * k, crop), moved) if len(x)])
+        images = torch.cat([torch.as_tensor(x) for x in (scenes, source.images(n - 2 * k, crop), moved) if len(x)])
         z0 = toy_model.scene_latent(images).to(device)
         goal = toy_model.scene_latent(partial).to(device) if k and moved_interpolate else z0[-k:]
         t = torch.randint(0, 1000, (n,))
@@ -408,11 +428,13 @@ def main(argv=None):
                 log(f"{args.init}: bottleneck rescaling undone (x{undo:.2f}) to continue training", start)
             else:  # the rescaling stays: record the scale it was trained at, so a later run can still undo it
                 kept_rescaling = rescaling
-    train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded), args.vae_steps, 16, 1e-3, start, device)
+    # Off the CPU the scenes are rendered on the device too: the numpy renderer cannot feed a GPU.
+    render_on = None if device.type == "cpu" else device
+    train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded, render_on), args.vae_steps, 16, 1e-3, start, device)
 
     unet = base.diffusion_model.to(device).train()
     hold_skips_at_zero(unet, range(args.skipless_blocks))
-    ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded), args.unet_steps, args.unet_steps - args.full_steps,
+    ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded, render_on), args.unet_steps, args.unet_steps - args.full_steps,
                      args.batch, args.full_batch or max(1, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
                      args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise)
     unet.load_state_dict(ema)
