@@ -98,12 +98,27 @@ def test_batch_renderer_on_the_gpu_draws_the_same_pixels():
     assert np.abs(images.cpu().numpy() - np.stack([s.render() for s in batch])).max() < 1e-5
 
 
-def test_training_scenes_rendered_on_a_device_are_the_numpy_renderers(comfy):
+def import_train():
     path = list(sys.path)
     try:
-        from toy.train import SceneSource
+        from toy import train
     finally:
         sys.path[:] = path  # train.py puts the repository first, where its nodes/ would shadow ComfyUI's
+    return train
+
+
+def test_copy_bottleneck_hands_samples_the_bottleneck_of_others(comfy):
+    """What --self-lag relies on: samples 1-2 continue from samples 3-4's bottleneck, the rest
+    from their own, and only at the bottleneck."""
+    copy = import_train().CopyBottleneck(1, 3, 2)
+    h = torch.arange(6.0)[:, None, None, None].expand(6, 2, 1, 1)
+    out, _ = copy(h, None, {"block": ("output", 0)})
+    assert out[:, 0, 0, 0].tolist() == [0, 3, 4, 3, 4, 5]
+    assert copy(h, None, {"block": ("output", 1)})[0] is h
+
+
+def test_training_scenes_rendered_on_a_device_are_the_numpy_renderers(comfy):
+    SceneSource = import_train().SceneSource
     for shaded in (False, True):
         on_numpy, on_device = SceneSource(11, shaded), SceneSource(11, shaded, torch.device("cpu"))
         for draw in (lambda s: [s.images(3, crop=128)], lambda s: [s.images(2)],
@@ -178,8 +193,10 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
 
     out = tmp_path / "toy.safetensors"
     run = run_quick("toy/train.py", out, 600, "--moved-pairs", "0.5", "--skipless-blocks", "11", "--moved-interpolate",
-                    "--shaded", "--bottleneck-rms", "4", "--align-steps", "2", "--align-path-steps", "2", "--heads", "1")
+                    "--shaded", "--bottleneck-rms", "4", "--align-steps", "2", "--align-path-steps", "2", "--heads", "1",
+                    "--moved-lag", "100", "--self-lag", "1")
     assert "unet step 4/4" in run.stdout and "moved pairs" in run.stdout and "bottleneck rescaled" in run.stdout
+    assert "lagged own" in run.stdout
     alignment = re.search(r"drag alignment step 2/2: diffusion loss ([-\d.e]+), cosine ([-\d.e]+)", run.stdout)
     assert alignment and all(np.isfinite(float(v)) for v in alignment.groups()), run.stdout[-2000:]
     with torch.inference_mode():
@@ -191,6 +208,7 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     assert meta["moved_pairs"] == "0.5" and meta["skipless_blocks"] == "11" and meta["moved_interpolate"] == "True"
     assert meta["shaded"] == "True" and meta["bottleneck_rms"] == "4.0" and float(meta["trained_bottleneck_rms"]) > 0
     assert meta["align_steps"] == "2" and meta["align_path_steps"] == "2" and meta["attention_heads"] == "1"
+    assert meta["moved_lag"] == "100" and meta["self_lag"] == "1"
     assert toy_model.trained_on_shaded(str(out))  # so the demo and the benchmark drag shaded scenes on it
     safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
     assert not toy_model.trained_on_shaded(str(tmp_path / "bare.safetensors"))
@@ -310,6 +328,12 @@ def test_committed_model_takes_little_of_its_layout_from_the_bottleneck(toy, com
     (truth,) = probe.truth_substitution(dragnoise, model, vae, positive, cases=1)
     assert abs(truth["moved_fraction"]) < 0.2, truth
     assert truth["overlap"] < 0.5, truth  # so not the drag the demo test asks for either
+    # A drag of length zero costs nothing on it: the decoder does not read the bottleneck, so
+    # substituting its own changes next to nothing (on the one-head models of FINDINGS.md it
+    # takes the object's colour error from 8 to 17-26 / 255).
+    (zero,) = probe.zero_drag_cost(dragnoise, model, vae, positive, cases=1)
+    assert abs(zero["object"][1] - zero["object"][0]) < 2 and abs(zero["elsewhere"][1] - zero["elsewhere"][0]) < 1, zero
+    assert 0 < zero["object"][0] < 30, zero
     # From Gaussian noise instead of the inverted latent (the model must generate): another picture.
     (generated,) = probe.truth_substitution(dragnoise, model, vae, positive, cases=1, forward_noised=True)
     assert generated["overlap"] < 0.5 and generated["object_mae"] != truth["object_mae"], (generated, truth)

@@ -167,7 +167,6 @@ def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strengt
         model, vae, positive: the toy's MODEL, VAE and CONDITIONING (``toy.model.load``).
     """
     import dataclasses
-    import json
 
     generator = torch.Generator().manual_seed(seed)
 
@@ -182,15 +181,41 @@ def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strengt
         if forward_noised:
             eps = torch.randn(a.source_latent.shape, generator=generator)
             a, b = noised_like(a, eps), noised_like(b, eps)
-        with torch.inference_mode():
-            # A drag of length zero: A's own bottleneck, unoptimized, in a DragEdit to substitute into.
-            still = json.dumps([{"handle": list(scene.objects[index].center), "target": list(scene.objects[index].center)}])
-            edit = dragnoise.optimize.optimize_bottleneck(model, a, dragnoise.points.parse_points(still, scene.size, scene.size))
-        edit = dataclasses.replace(edit, bottleneck=_encoder_state(dragnoise, model, b).bottleneck.float().cpu())
+        edit = dataclasses.replace(_still_edit(dragnoise, model, a, scene, index),
+                                   bottleneck=_encoder_state(dragnoise, model, b).bottleneck.float().cpu())
         with torch.inference_mode():
             image = vae.decode(dragnoise.propagation.propagated_sample(model, a, edit, halt_step))[0].numpy()
         scores.append(measure.score_drag(scene, index, drag, image))
     return scores
+
+
+def _still_edit(dragnoise, model, inversion, scene, index):
+    """A drag of length zero on object ``index``: the scene's own edit-step bottleneck, unoptimized."""
+    import json
+
+    still = json.dumps([{"handle": list(scene.objects[index].center), "target": list(scene.objects[index].center)}])
+    with torch.inference_mode():
+        return dragnoise.optimize.optimize_bottleneck(model, inversion, dragnoise.points.parse_points(still, scene.size, scene.size))
+
+
+def zero_drag_cost(dragnoise, model, vae, positive, cases=3, seed=5, strength=0.7, halt_step=10, shaded=False):
+    """What the propagation itself costs: a drag of length zero (the scene's own edit-step
+    bottleneck substituted down to ``halt_step``) against a plain DDIM reconstruction, on the
+    scenes A of ``truth_substitution``'s pairs. One dict per case: ``object`` and ``elsewhere``,
+    each (plain, zero drag), the mean change from the scene on the object's footprint and off it,
+    0-255. A drag can be no more faithful than its zero drag."""
+    rows = []
+    for scene, index, _, a, _ in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength, shaded):
+        edit = _still_edit(dragnoise, model, a, scene, index)
+        with torch.inference_mode():
+            plain = dragnoise.comfy_compat.sample_ddim(model, a.sampler_latent, a.positive, a.steps, a.edit_step)
+            images = [vae.decode(z)[0].float().numpy()
+                      for z in (plain, dragnoise.propagation.propagated_sample(model, a, edit, halt_step))]
+        change = [np.abs(im - scene.render()).mean(-1) * 255 for im in images]
+        footprint = scene.objects[index].mask(scene.size)
+        rows.append({"object": tuple(float(c[footprint].mean()) for c in change),
+                     "elsewhere": tuple(float(c[~footprint].mean()) for c in change)})
+    return rows
 
 
 def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3, seed=5, strength=0.7, shaded=False):
@@ -251,6 +276,10 @@ def main(argv=None):
           + ", ".join(f"{100 * s['moved_fraction']:.0f}%" for s in scores) + " of the drag; overlap with where it should be "
           + ", ".join(f"{s['overlap']:.2f}" for s in scores) + "; colour error there "
           + ", ".join(f"{s['object_mae']:.0f}" for s in scores) + " / 255")
+    costs = zero_drag_cost(dragnoise, model, vae, positive, args.cases, shaded=args.shaded)
+    print("a drag of length zero (own bottleneck substituted) against a plain reconstruction: change on the object "
+          + ", ".join(f"{c['object'][1]:.0f} (plain {c['object'][0]:.0f})" for c in costs) + ", elsewhere "
+          + ", ".join(f"{c['elsewhere'][1]:.1f} (plain {c['elsewhere'][0]:.1f})" for c in costs) + " / 255")
     rows = motion_alignment(dragnoise, model, vae, positive, cases=args.cases, shaded=args.shaded)
     print("motion loss's first step toward the truly moved bottleneck (cosine), patch radius 1 / 4 / 12: "
           + "; ".join(" / ".join(f"{c:.2f}" for c in row) for row in rows))

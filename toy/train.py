@@ -196,7 +196,8 @@ def moved_target(zt, goal, alpha_bar):
 
 
 def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, backward_safe,
-               moved_fraction=0.0, moved_min_t=300, moved_lag=0, moved_interpolate=False, bottleneck_noise=0.0):
+               moved_fraction=0.0, moved_min_t=300, moved_lag=0, moved_interpolate=False, bottleneck_noise=0.0,
+               self_lag=0):
     """eps-MSE at uniform random timesteps; returns the EMA weights.
 
     With ``moved_fraction`` > 0, that share of each batch are *moved pairs*: a scene A, and B, A
@@ -210,6 +211,12 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
     steps of the bottleneck move the object a little (what a gradient-based drag needs).
     ``bottleneck_noise`` adds noise of that many times its RMS to every bottleneck, so that
     directions no scene moves the bottleneck in change little downstream.
+
+    With ``self_lag`` > 0, that many ordinary samples per step (at t >= ``moved_min_t``) get their
+    *own* bottleneck from up to ``moved_lag`` steps noisier (the same scene and noise, one more
+    sample in the batch) and learn to predict their own noise, weighed as an x0 error: what
+    DragNoise's propagation asks even of a drag of length zero, whose edit-step bottleneck stands
+    in at the later steps.
     """
     device = next(unet.parameters()).device
     ab = alphas_cumprod().to(device)
@@ -225,26 +232,37 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
         crop = None if full else 128
         k = min(n // 2, round(n * moved_fraction / 2))
         scenes, moved, partial, shares = source.moved_pairs(k, crop, moved_interpolate) if k else ((), (), (), None)
-        images = torch.cat([torch.as_tensor(x) for x in (scenes, source.images(n - 2 * k, crop), moved) if len(x)])
+        plain = torch.as_tensor(source.images(n - 2 * k, crop))
+        j = min(self_lag, len(plain))
+        # Layout: A (k) | ordinary (n - 2k; the first j take a lagged own bottleneck) | those j
+        # again, noisier | B (k): SwapBottleneck pairs the first k with the last k.
+        images = torch.cat([torch.as_tensor(x) for x in (scenes, plain, plain[:j], moved) if len(x)])
         z0 = toy_model.scene_latent(images).to(device)
         goal = toy_model.scene_latent(partial).to(device) if k and moved_interpolate else z0[-k:]
-        t = torch.randint(0, 1000, (n,))
+        t = torch.randint(0, 1000, (n + j,))
         eps = torch.randn_like(z0)
         if k:
             t[:k] = torch.randint(moved_min_t, 1000, (k,))
             t[-k:] = (t[:k] + torch.randint(0, moved_lag + 1, (k,))).clamp(max=999) if moved_lag else t[:k]
             eps[-k:] = eps[:k]
+        if j:
+            own, lagged = slice(k, k + j), slice(n - k, n - k + j)
+            t[own] = torch.randint(moved_min_t, 1000, (j,))
+            t[lagged] = (t[own] + torch.randint(0, moved_lag + 1, (j,))).clamp(max=999)
+            eps[lagged] = eps[own]
         t = t.to(device)
         a = ab[t][:, None, None, None]
         zt = noised(z0, eps, a)
         target, weight = eps.clone(), torch.ones_like(a)
         if k:
             target[:k], weight[:k] = moved_target(zt[:k], goal, a[:k])
+        if j:
+            weight[own] = moved_target(zt[own], z0[own], a[own])[1]
         scale = BottleneckScale()
         options = {"patches": {"output_block_patch": [scale, SwapBottleneck(k, shares if moved_interpolate else None),
-                                                      NoisyBottleneck(bottleneck_noise)]}}
+                                                      CopyBottleneck(k, n - k, j), NoisyBottleneck(bottleneck_noise)]}}
         with backward_safe(unet, "norm inputs"):
-            pred = unet(zt, timesteps=t.float(), context=context.expand(n, -1, -1), transformer_options=options)
+            pred = unet(zt, timesteps=t.float(), context=context.expand(n + j, -1, -1), transformer_options=options)
             loss = (weight * (pred - target) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -255,9 +273,23 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
                 ema[key].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[key].copy_(v)
         if step % 50 == 0 or step == steps - 1:
             swapped = f", moved pairs {torch.nn.functional.mse_loss(pred[:k], target[:k]).item():.4f}" if k else ""
+            swapped += f", lagged own {torch.nn.functional.mse_loss(pred[own], target[own]).item():.4f}" if j else ""
             rms = scale.mean_square.mean().sqrt().item()
             log(f"unet step {step + 1}/{steps} ({'32x32' if full else '16x16'}): loss {loss.item():.4f}{swapped}, bottleneck rms {rms:.2f}", start)
     return ema
+
+
+class CopyBottleneck:
+    """``output_block_patch``: samples ``dst`` .. ``dst + n`` of the batch continue from the
+    bottleneck of samples ``src`` .. ``src + n``."""
+
+    def __init__(self, dst, src, n):
+        self.dst, self.src, self.n = dst, src, n
+
+    def __call__(self, h, hsp, transformer_options):
+        if self.n and transformer_options.get("block") == ("output", 0):
+            h = torch.cat([h[:self.dst], h[self.src:self.src + self.n], h[self.dst + self.n:]])
+        return h, hsp
 
 
 class SetBottleneck:
@@ -372,6 +404,8 @@ def main(argv=None):
                         help="share of each U-Net batch trained as moved pairs (bottleneck of the scene with an object moved)")
     parser.add_argument("--moved-lag", type=int, default=0,
                         help="how many timesteps noisier a moved pair's bottleneck may be than its sample")
+    parser.add_argument("--self-lag", type=int, default=0,
+                        help="ordinary samples per step that get their own bottleneck from up to --moved-lag steps noisier")
     parser.add_argument("--moved-min-t", type=int, default=300, help="the lowest timestep of a moved pair")
     parser.add_argument("--moved-interpolate", action="store_true",
                         help="moved pairs mix the two bottlenecks by a random share and predict the object moved that share of the way")
@@ -436,7 +470,8 @@ def main(argv=None):
     hold_skips_at_zero(unet, range(args.skipless_blocks))
     ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded, render_on), args.unet_steps, args.unet_steps - args.full_steps,
                      args.batch, args.full_batch or max(1, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
-                     args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise)
+                     args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise,
+                     args.self_lag)
     unet.load_state_dict(ema)
     rms = bottleneck_rms(unet.eval(), shaded=args.shaded)
     if args.bottleneck_rms:
@@ -451,7 +486,7 @@ def main(argv=None):
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
-        "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag,
+        "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag, "self_lag": args.self_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
         "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "attention_heads": args.heads, "align_steps": args.align_steps,
         "align_pairs": args.align_pairs, "align_plain": args.align_plain, "align_lr": args.align_lr,
