@@ -211,7 +211,8 @@ def zero_drag_cost(dragnoise, model, vae, positive, cases=3, seed=5, strength=0.
             plain = dragnoise.comfy_compat.sample_ddim(model, a.sampler_latent, a.positive, a.steps, a.edit_step)
             images = [vae.decode(z)[0].float().numpy()
                       for z in (plain, dragnoise.propagation.propagated_sample(model, a, edit, halt_step))]
-        change = [np.abs(im - scene.render()).mean(-1) * 255 for im in images]
+        source = scene.render()
+        change = [np.abs(im - source).mean(-1) * 255 for im in images]
         footprint = scene.objects[index].mask(scene.size)
         rows.append({"object": tuple(float(c[footprint].mean()) for c in change),
                      "elsewhere": tuple(float(c[~footprint].mean()) for c in change)})

@@ -462,7 +462,7 @@ def main(argv=None):
                 log(f"{args.init}: bottleneck rescaling undone (x{undo:.2f}) to continue training", start)
             else:  # the rescaling stays: record the scale it was trained at, so a later run can still undo it
                 kept_rescaling = rescaling
-    # Off the CPU the scenes are rendered on the device too: the numpy renderer cannot feed a GPU.
+    # Off the CPU the scenes are rendered on the device too: the numpy renderer would bound a GPU run.
     render_on = None if device.type == "cpu" else device
     train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded, render_on), args.vae_steps, 16, 1e-3, start, device)
 
