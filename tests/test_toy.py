@@ -185,8 +185,10 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     out = tmp_path / "toy.safetensors"
     run = run_quick("toy/train.py", out, 600, "--moved-pairs", "0.5", "--skipless-blocks", "11", "--moved-interpolate",
                     "--shaded", "--bottleneck-rms", "4", "--align-steps", "2", "--align-path-steps", "2", "--heads", "1",
-                    "--moved-lag", "100", "--self-lag", "1")
+                    "--moved-lag", "100", "--self-lag", "1", "--chain-steps", "2", "--chain-dragged", "1")
     assert "unet step 4/4" in run.stdout and "moved pairs" in run.stdout and "bottleneck rescaled" in run.stdout
+    assert "propagation step 2/2" in run.stdout and "1 drags optimized by the pack" in run.stdout
+    assert "DragNoise step 1/80" in run.stdout + run.stderr  # the pack's own optimizer ran in the loop
     assert "lagged own" in run.stdout
     alignment = re.search(r"drag alignment step 2/2: diffusion loss ([-\d.e]+), cosine ([-\d.e]+)", run.stdout)
     assert alignment and all(np.isfinite(float(v)) for v in alignment.groups()), run.stdout[-2000:]
@@ -199,7 +201,8 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     assert meta["moved_pairs"] == "0.5" and meta["skipless_blocks"] == "11" and meta["moved_interpolate"] == "True"
     assert meta["shaded"] == "True" and meta["bottleneck_rms"] == "4.0" and float(meta["trained_bottleneck_rms"]) > 0
     assert meta["align_steps"] == "2" and meta["align_path_steps"] == "2" and meta["attention_heads"] == "1"
-    assert meta["moved_lag"] == "100" and meta["self_lag"] == "1"
+    assert meta["moved_lag"] == "100" and meta["self_lag"] == "1" and meta["chain_steps"] == "2"
+    assert meta["chain_dragged"] == "1.0"
     assert toy_model.trained_on_shaded(str(out))  # so the demo and the benchmark drag shaded scenes on it
     safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
     assert not toy_model.trained_on_shaded(str(tmp_path / "bare.safetensors"))
@@ -229,6 +232,40 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     assert "unet step" not in run.stdout and "undone" not in run.stdout, run.stdout[-2000:]
     kept_meta = toy_model.metadata(str(kept))
     assert kept_meta["bottleneck_rms"] == "4.0" and float(kept_meta["trained_bottleneck_rms"]) == trained
+
+
+def test_propagation_states_are_the_packs_inversion_and_propagation(toy, comfy):
+    """What --chain-steps trains on must be what a drag visits: on the bare U-Net,
+    train.propagation_states gives the pack's DDIM inversion, edit-step bottleneck and propagated
+    output (the truly moved scene's bottleneck substituted down to the halt step)."""
+    import dataclasses
+
+    from toy import probe
+    from toy.train import propagation_states
+
+    model, vae, positive = toy
+    dragnoise = pack_module("dragnoise")
+    scene, index, moved = scenes.moved_pair(np.random.default_rng(5), toy_model.IMAGE_SIZE)
+    za, zb = (toy_model.scene_latent(s.render()[None]) for s in (scene, moved))
+    with torch.inference_mode():
+        a, b = (dragnoise.inversion.ddim_invert(model, z / toy_model.SCALE_FACTOR, positive, 50, 0.7)[1] for z in (za, zb))
+    truth = probe._encoder_state(dragnoise, model, b).bottleneck.float().cpu()
+    edit = dataclasses.replace(probe._still_edit(dragnoise, model, a, scene, index), bottleneck=truth)
+    with torch.inference_mode():
+        output = dragnoise.propagation.propagated_sample(model, a, edit, 10) * toy_model.SCALE_FACTOR
+        (z, t, substituted, pair, bottleneck), x0 = propagation_states(
+            model.model.diffusion_model, torch.cat([za, zb]), lambda s_a, s_b: s_b, toy_model.default_conditioning(),
+            probe.alphas_cumprod())
+    assert (z[:1] - a.noisy_latent).abs().max() < 1e-3 * a.noisy_latent.abs().max()
+    assert (bottleneck - truth).abs().max() < 1e-3 * truth.abs().max()
+    assert (x0 - output).abs().max() < 1e-3 * output.abs().max()
+    assert t.tolist() == a.timesteps[a.edit_step:] and int(t[0]) == a.timestep
+    assert substituted.tolist() == [True] * 25 + [False] * 10 and pair.tolist() == [0] * 35
+    # A's own bottleneck instead: another output (the test above is not blind to the bottleneck).
+    with torch.inference_mode():
+        _, own = propagation_states(model.model.diffusion_model, torch.cat([za, zb]), lambda s_a, s_b: s_a,
+                                    toy_model.default_conditioning(), probe.alphas_cumprod())
+    assert (own - x0).abs().max() > 0
 
 
 def test_moved_pair_moves_one_object_and_keeps_the_rest():

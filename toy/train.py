@@ -113,6 +113,21 @@ class SceneSource:
         return (np.stack(a), np.stack(b), np.stack(part), torch.tensor(shares).float(), torch.tensor(handles).float(),
                 torch.tensor(np.stack(directions)).float())
 
+    def drags(self, n):
+        """Moved pairs as a user drags them, whole scenes, no augmentation: two [n, S, S, 3]
+        arrays (A, and B = A with one object moved) and the drags: handles and targets, [n] of
+        (x, y) image pixels, the handle on the object near its centre, the target as far again."""
+        a, b, handles, targets = [], [], [], []
+        for _ in range(n):
+            scene, index, moved = moved_pair(self.rng, toy_model.IMAGE_SIZE, shaded=self.shaded)
+            obj = scene.objects[index]
+            handle = np.add(obj.center, self.rng.uniform(-0.3, 0.3, size=2) * obj.radius)
+            a.append(scene.render())
+            b.append(moved.render())
+            handles.append(tuple(float(v) for v in handle))
+            targets.append(tuple(float(v) for v in handle + np.asarray(pair_drag(scene, index, moved))))
+        return np.stack(a), np.stack(b), handles, targets
+
     def _render(self, scenes):
         if self.device is None:
             return np.stack([s.render() for s in scenes])
@@ -305,6 +320,188 @@ class SetBottleneck:
         return h, hsp
 
 
+DDIM_TIMESTEPS = tuple(range(981, 0, -20))  # ComfyUI's ddim_uniform schedule, 50 steps (then 0)
+EDIT_INDEX = 15  # inversion strength 0.7: the edit step, t = 681
+HALT_STEP = 10  # the pack's default: the last 10 steps run without substitution
+
+
+class CaptureBottleneck:
+    """``output_block_patch``: keeps the mid-block output ([B, C, h, w]) in ``value``."""
+
+    value = None
+
+    def __call__(self, h, hsp, transformer_options):
+        if transformer_options.get("block") == ("output", 0):
+            self.value = h.detach().clone()
+        return h, hsp
+
+
+@torch.no_grad()
+def propagation_states(unet, z0, goal_bottleneck_of, context, ab, halt_step=HALT_STEP):
+    """The states the pack's drag visits, on the bare U-Net: ``z0`` [2k, 4, h, w] (k scenes A,
+    then k scenes B) DDIM-inverted to the edit step as ``dragnoise.inversion`` does (the U-Net
+    told the destination timestep), then A's propagation from there as
+    ``dragnoise.propagation`` runs it, with the bottleneck ``goal_bottleneck_of(a, b)`` (A's and
+    B's edit-step bottlenecks, [k, C, h/8, w/8] each) substituted down to the halt step.
+
+    Returns (z [35k, 4, h, w], t [35k], substituted [35k] bool, pair [35k] index into A,
+    bottleneck [k, C, h/8, w/8]) and the propagation's output x0 [k, 4, h, w].
+    """
+    k = len(z0) // 2
+
+    def eps_of(z, t, patch=None):
+        options = {"patches": {"output_block_patch": [patch]}} if patch else {}
+        return unet(z, timesteps=torch.full((len(z),), float(t), device=z.device), context=context.expand(len(z), -1, -1),
+                    transformer_options=options)
+
+    up = (0,) + DDIM_TIMESTEPS[EDIT_INDEX:][::-1]
+    z = z0
+    for cur, nxt in zip(up, up[1:]):
+        eps = eps_of(z, nxt)
+        x0 = (z - (1 - ab[cur]).sqrt() * eps) / ab[cur].sqrt()
+        z = ab[nxt].sqrt() * x0 + (1 - ab[nxt]).sqrt() * eps
+    capture = CaptureBottleneck()
+    eps_of(z, DDIM_TIMESTEPS[EDIT_INDEX], capture)
+    bottleneck = goal_bottleneck_of(*capture.value.split(k))
+    z = z[:k]
+    down = DDIM_TIMESTEPS[EDIT_INDEX:]
+    states, times, substituted = [], [], []
+    for i, t in enumerate(down):
+        sub = i < len(down) - halt_step
+        states.append(z)
+        times.append(t)
+        substituted.append(sub)
+        eps = eps_of(z, t, SetBottleneck(bottleneck) if sub else None)
+        x0 = (z - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+        z = ab[down[i + 1]].sqrt() * x0 + (1 - ab[down[i + 1]]).sqrt() * eps if i + 1 < len(down) else x0
+    n = len(down)
+    return (torch.cat(states), torch.tensor(times).repeat_interleave(k), torch.tensor(substituted).repeat_interleave(k),
+            torch.arange(k).repeat(n), bottleneck), z
+
+
+def pack_drag(base, dragnoise, bottleneck_rms_at=1.0, shaded=False):
+    """A callable (z0 [1, 4, h, w], handle (x, y), target (x, y)) -> [1, C, h/8, w/8]: the
+    bottleneck the pack's DDIM Invert and Bottleneck Optimize (default settings, no mask) find
+    for that drag on ``base`` (the toy's BaseModel, as it is being trained). The drag runs with
+    the bottleneck rescaled to the RMS ``bottleneck_rms_at``, as the model will be used (Adam's
+    steps of the learning rate are tiny at the trained scale); the result is at the trained scale."""
+    import json
+
+    import comfy.model_patcher
+
+    cpu = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(base, load_device=next(base.parameters()).device, offload_device=cpu)
+    positive = [[toy_model.default_conditioning(), {"pooled_output": torch.zeros([1, toy_model.CONTEXT_DIM])}]]
+
+    def run(z0, handle, target):
+        params = [p for p in base.parameters() if p.requires_grad]
+        for p in params:  # the optimization needs no weight gradients
+            p.requires_grad_(False)
+        unet = base.diffusion_model
+        with torch.no_grad():
+            factor = bottleneck_rms_at / bottleneck_rms(unet, shaded=shaded)
+            toy_model.rescale_bottleneck(unet, factor)
+        try:
+            with torch.inference_mode():
+                _, inversion = dragnoise.inversion.ddim_invert(model, z0.cpu() / toy_model.SCALE_FACTOR, positive, 50, 0.7)
+                points = dragnoise.points.parse_points(json.dumps([{"handle": list(handle), "target": list(target)}]),
+                                                       toy_model.IMAGE_SIZE, toy_model.IMAGE_SIZE)
+                edit = dragnoise.optimize.optimize_bottleneck(model, inversion, points)
+        finally:
+            with torch.no_grad():
+                toy_model.rescale_bottleneck(unet, 1 / factor)
+            for p in params:
+                p.requires_grad_(True)
+        return edit.bottleneck.clone() / factor
+
+    return run
+
+
+def train_propagation(unet, source, steps, pairs, chain, plain, lr, start, backward_safe, halt_step=HALT_STEP,
+                      drag=None, dragged_share=0.0, part_way=0.5):
+    """Fine-tunes the U-Net on the states the pack's drag visits; returns the EMA weights.
+
+    Every few steps, ``pairs`` moved pairs (A; B, A with one object moved; a random share s of
+    the way for a ``part_way`` share of them, all the way for the rest) run through the drag as
+    the pack does it with the best bottleneck an optimization could find
+    (``propagation_states``: A's and B's DDIM inversion, A's bottleneck moved s of the way to
+    B's, A's propagation). Per step, ``chain`` of
+    those states (with the substituted bottleneck where the propagation had it) learn to predict
+    A with the object moved s of the way, weighed as x0 errors (capped at 10), next to ``plain``
+    ordinary samples. Moved pairs trained on forward-noised latents at one step never see what
+    the propagation makes of its own earlier steps; this trains every step on exactly that.
+
+    With ``drag`` (``pack_drag``), a ``dragged_share`` of the refills substitute the bottleneck
+    the pack's Bottleneck Optimize finds for the drag from A to B (the handle on the object, the
+    target where B has it) instead, and learn to predict B: the decoder learns to draw the move
+    the optimizer asked for, where the optimizer goes rather than on the line to B's bottleneck.
+    """
+    device = next(unet.parameters()).device
+    ab = alphas_cumprod().to(device)
+    context = toy_model.default_conditioning().to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    buffer = None
+    for step in range(steps):
+        decay = min(0.999, (1 + step) / (10 + step))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, min(100, steps // 10 + 1))
+        if buffer is None or len(buffer[0]) < chain:
+            if drag is not None and float(torch.rand(())) < dragged_share:
+                a, b, handles, targets = source.drags(pairs)
+                za, zb = (toy_model.scene_latent(torch.as_tensor(x)).to(device) for x in (a, b))
+                unet.eval()
+                optimized = torch.cat([drag(za[i:i + 1], handles[i], targets[i]) for i in range(pairs)]).to(device)
+                (z, t, sub, pair, bottleneck), _ = propagation_states(unet, torch.cat([za, zb]), lambda s_a, s_b: optimized,
+                                                                      context, ab, halt_step)
+                unet.train()
+                order = torch.randperm(len(z))
+                buffer = (z[order], t[order], sub[order], bottleneck[pair[order]], zb[pair[order]])
+                log(f"propagation step {step + 1}: {pairs} drags optimized by the pack", start)
+        if buffer is None or len(buffer[0]) < chain:
+            a, b, part, shares = source.moved_pairs(pairs, None, interpolate=True)
+            full = torch.rand(pairs) >= part_way
+            shares = torch.where(full, torch.ones_like(shares), shares).to(device)
+            za, zb, zpart = (toy_model.scene_latent(torch.as_tensor(x)).to(device) for x in (a, b, part))
+            zpart = torch.where(full.to(device)[:, None, None, None], zb, zpart)
+            unet.eval()
+            (z, t, sub, pair, bottleneck), _ = propagation_states(
+                unet, torch.cat([za, zb]), lambda s_a, s_b: s_a + shares[:, None, None, None] * (s_b - s_a), context, ab,
+                halt_step)
+            unet.train()
+            order = torch.randperm(len(z))
+            buffer = (z[order], t[order], sub[order], bottleneck[pair[order]], zpart[pair[order]])
+        take = [x[:chain] for x in buffer]
+        buffer = [x[chain:] for x in buffer]
+        z_c, t_c, sub_c, s_c, goal_c = take
+        first = torch.argsort(~sub_c, stable=True)  # substituted samples first: SetBottleneck sets the first ones
+        z_c, t_c, sub_c, s_c, goal_c = z_c[first], t_c[first], sub_c[first], s_c[first], goal_c[first]
+        z_plain = toy_model.scene_latent(torch.as_tensor(source.images(plain))).to(device)
+        t_plain = torch.randint(0, 1000, (plain,))
+        eps_plain = torch.randn_like(z_plain)
+        zt_plain = noised(z_plain, eps_plain, ab[t_plain.to(device)][:, None, None, None])
+        a_c = ab[t_c.to(device)][:, None, None, None]
+        target = torch.cat([(z_c - a_c.sqrt() * goal_c) / (1 - a_c).sqrt(), eps_plain])
+        weight = torch.cat([((1 - a_c) / a_c).clamp(max=10), torch.ones(plain, 1, 1, 1, device=device)])
+        t_all = torch.cat([t_c, t_plain]).to(device).float()
+        patch = SetBottleneck(s_c[sub_c])
+        with backward_safe(unet, "norm inputs"):
+            pred = unet(torch.cat([z_c, zt_plain]), timesteps=t_all, context=context.expand(chain + plain, -1, -1),
+                        transformer_options={"patches": {"output_block_patch": [patch]}})
+            loss = (weight * (pred - target) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for key, v in unet.state_dict().items():
+                ema[key].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[key].copy_(v)
+        if step % 50 == 0 or step == steps - 1:
+            chain_loss = (weight[:chain] * (pred[:chain] - target[:chain]) ** 2).mean().item()
+            log(f"propagation step {step + 1}/{steps}: loss {loss.item():.4f}, chain states {chain_loss:.4f}", start)
+    return ema
+
+
 def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, dragnoise, path_steps=0):
     """Fine-tunes the U-Net so that the motion loss's descent direction heads for the moved scene.
 
@@ -422,6 +619,15 @@ def main(argv=None):
     parser.add_argument("--align-weight", type=float, default=1.0, help="weight of 1 - cosine against the diffusion loss")
     parser.add_argument("--align-path-steps", type=int, default=0,
                         help="take the drag alignment's cosine after up to this many sign moves of 0.05 along the motion loss")
+    parser.add_argument("--chain-steps", type=int, default=0,
+                        help="after the U-Net steps, fine-tune this many steps on the states the pack's drag visits (train_propagation; 0: none)")
+    parser.add_argument("--chain-pairs", type=int, default=4, help="moved pairs run through the drag per refill of train_propagation's states")
+    parser.add_argument("--chain-states", type=int, default=4, help="of those states, how many per train_propagation step")
+    parser.add_argument("--chain-plain", type=int, default=4, help="ordinary samples per train_propagation step")
+    parser.add_argument("--chain-part-way", type=float, default=0.5,
+                        help="share of train_propagation's moved pairs moved a random part of the way (the rest all the way)")
+    parser.add_argument("--chain-dragged", type=float, default=0.0,
+                        help="share of train_propagation's refills that substitute the bottleneck the pack's Bottleneck Optimize finds")
     parser.add_argument("--shaded", action="store_true", help="train on shaded objects (scenes.random_scene(shaded=True))")
     parser.add_argument("--heads", type=int, default=8,
                         help="attention heads per transformer (SD1.5's 8; 1 trains about twice as fast on a CPU); an --init keeps its own")
@@ -435,6 +641,7 @@ def main(argv=None):
         args.vae_steps, args.unet_steps, args.full_steps = min(args.vae_steps, 3), min(args.unet_steps, 4), min(args.full_steps, 2)
         args.batch = 4
         args.align_steps, args.align_pairs, args.align_plain = min(args.align_steps, 2), 2, 2
+        args.chain_steps, args.chain_pairs, args.chain_states, args.chain_plain = min(args.chain_steps, 2), 1, 2, 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -454,7 +661,7 @@ def main(argv=None):
         settings = toy_model.metadata(args.init)
         if float(settings.get("bottleneck_rms", 0)):
             rescaling = float(settings["bottleneck_rms"]), float(settings["trained_bottleneck_rms"])
-            if args.unet_steps:
+            if args.unet_steps or args.chain_steps:
                 # Adam's per-weight steps are too large for the rescaled weights (10 steps broke a
                 # model, toy/FINDINGS.md): continue from the trained scale, and rescale again at the end.
                 undo = rescaling[1] / rescaling[0]
@@ -473,6 +680,11 @@ def main(argv=None):
                      args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise,
                      args.self_lag)
     unet.load_state_dict(ema)
+    if args.chain_steps:
+        unet.load_state_dict(train_propagation(unet, SceneSource(args.seed + 4, args.shaded), args.chain_steps, args.chain_pairs,
+                                               args.chain_states, args.chain_plain, args.unet_lr, start,
+                                               dragnoise.features.backward_safe, drag=pack_drag(base, dragnoise, args.bottleneck_rms or 1.0, args.shaded),
+                                               dragged_share=args.chain_dragged, part_way=args.chain_part_way))
     rms = bottleneck_rms(unet.eval(), shaded=args.shaded)
     if args.bottleneck_rms:
         toy_model.rescale_bottleneck(unet, args.bottleneck_rms / rms)
@@ -491,6 +703,8 @@ def main(argv=None):
         "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "attention_heads": args.heads, "align_steps": args.align_steps,
         "align_pairs": args.align_pairs, "align_plain": args.align_plain, "align_lr": args.align_lr,
         "align_weight": args.align_weight, "align_path_steps": args.align_path_steps,
+        "chain_steps": args.chain_steps, "chain_pairs": args.chain_pairs, "chain_states": args.chain_states, "chain_plain": args.chain_plain,
+        "chain_dragged": args.chain_dragged, "chain_part_way": args.chain_part_way,
         "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(trained_rms, 3), "init": args.init or "", "seconds": round(time.time() - start)})
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", start)
 
