@@ -210,6 +210,15 @@ def moved_target(zt, goal, alpha_bar):
     return (zt - alpha_bar.sqrt() * goal) / (1 - alpha_bar).sqrt(), ((1 - alpha_bar) / alpha_bar).clamp(1, 10)
 
 
+def step_with_ema(unet, opt, ema, decay):
+    """One optimizer step (gradients clipped to norm 1), then the EMA ``ema`` of the weights."""
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        for key, v in unet.state_dict().items():
+            ema[key].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[key].copy_(v)
+
+
 def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, backward_safe,
                moved_fraction=0.0, moved_min_t=300, moved_lag=0, moved_interpolate=False, bottleneck_noise=0.0,
                self_lag=0):
@@ -281,11 +290,7 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
             loss = (weight * (pred - target) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for key, v in unet.state_dict().items():
-                ema[key].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[key].copy_(v)
+        step_with_ema(unet, opt, ema, decay)
         if step % 50 == 0 or step == steps - 1:
             swapped = f", moved pairs {torch.nn.functional.mse_loss(pred[:k], target[:k]).item():.4f}" if k else ""
             swapped += f", lagged own {torch.nn.functional.mse_loss(pred[own], target[own]).item():.4f}" if j else ""
@@ -491,11 +496,7 @@ def train_propagation(unet, source, steps, pairs, chain, plain, lr, start, backw
             loss = (weight * (pred - target) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for key, v in unet.state_dict().items():
-                ema[key].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[key].copy_(v)
+        step_with_ema(unet, opt, ema, decay)
         if step % 50 == 0 or step == steps - 1:
             chain_loss = (weight[:chain] * (pred[:chain] - target[:chain]) ** 2).mean().item()
             log(f"propagation step {step + 1}/{steps}: loss {loss.item():.4f}, chain states {chain_loss:.4f}", start)
