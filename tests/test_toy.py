@@ -254,7 +254,7 @@ def test_propagation_states_are_the_packs_inversion_and_propagation(toy, comfy):
     with torch.inference_mode():
         output = dragnoise.propagation.propagated_sample(model, a, edit, 10) * toy_model.SCALE_FACTOR
         (z, t, substituted, pair, bottleneck), x0 = propagation_states(
-            model.model.diffusion_model, torch.cat([za, zb]), lambda s_a, s_b: s_b, toy_model.default_conditioning(),
+            dragnoise, model.model.diffusion_model, torch.cat([za, zb]), lambda s_a, s_b: s_b, toy_model.default_conditioning(),
             probe.alphas_cumprod())
     assert (z[:1] - a.noisy_latent).abs().max() < 1e-3 * a.noisy_latent.abs().max()
     assert (bottleneck - truth).abs().max() < 1e-3 * truth.abs().max()
@@ -263,7 +263,7 @@ def test_propagation_states_are_the_packs_inversion_and_propagation(toy, comfy):
     assert substituted.tolist() == [True] * 25 + [False] * 10 and pair.tolist() == [0] * 35
     # A's own bottleneck instead: another output (the test above is not blind to the bottleneck).
     with torch.inference_mode():
-        _, own = propagation_states(model.model.diffusion_model, torch.cat([za, zb]), lambda s_a, s_b: s_a,
+        _, own = propagation_states(dragnoise, model.model.diffusion_model, torch.cat([za, zb]), lambda s_a, s_b: s_a,
                                     toy_model.default_conditioning(), probe.alphas_cumprod())
     assert (own - x0).abs().max() > 0
 

@@ -159,6 +159,11 @@ def default_conditioning():
     return torch.randn([1, CONTEXT_TOKENS, CONTEXT_DIM], generator=gen)
 
 
+def conditioning():
+    """The toy's fixed prompt as ComfyUI's CONDITIONING (what CLIP Text Encode would return)."""
+    return [[default_conditioning(), {"pooled_output": torch.zeros([1, CONTEXT_DIM])}]]
+
+
 def save(path, unet, autoencoder, metadata=None):
     """Writes both networks (fp16) into one safetensors file."""
     import safetensors.torch
@@ -212,5 +217,4 @@ def load(path=WEIGHTS):
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                              offload_device=comfy.model_management.unet_offload_device())
     vae = comfy.sd.VAE(sd=vae_sd)  # ComfyUI recognises TAESD by its keys
-    cond = [[default_conditioning(), {"pooled_output": torch.zeros([1, CONTEXT_DIM])}]]
-    return model, vae, cond
+    return model, vae, conditioning()

@@ -43,6 +43,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ sys.path.insert(0, str(REPO))
 from bench import comfy_env  # noqa: E402
 from toy import batch_render  # noqa: E402
 from toy import model as toy_model  # noqa: E402
-from toy.probe import BottleneckScale, NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_rms, bottleneck_share, noised  # noqa: E402
+from toy.probe import (EDIT_TIMESTEP, BottleneckScale, NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_rms,  # noqa: E402
+                       bottleneck_share, noised)
 from toy.scenes import moved_pair, moved_part_way, pair_drag, random_scene  # noqa: E402
 
 
@@ -326,23 +328,12 @@ class SetBottleneck:
 
 
 DDIM_TIMESTEPS = tuple(range(981, 0, -20))  # ComfyUI's ddim_uniform schedule, 50 steps (then 0)
-EDIT_INDEX = 15  # inversion strength 0.7: the edit step, t = 681
+EDIT_INDEX = DDIM_TIMESTEPS.index(EDIT_TIMESTEP)  # inversion strength 0.7
 HALT_STEP = 10  # the pack's default: the last 10 steps run without substitution
 
 
-class CaptureBottleneck:
-    """``output_block_patch``: keeps the mid-block output ([B, C, h, w]) in ``value``."""
-
-    value = None
-
-    def __call__(self, h, hsp, transformer_options):
-        if transformer_options.get("block") == ("output", 0):
-            self.value = h.detach().clone()
-        return h, hsp
-
-
 @torch.no_grad()
-def propagation_states(unet, z0, goal_bottleneck_of, context, ab, halt_step=HALT_STEP):
+def propagation_states(dragnoise, unet, z0, goal_bottleneck_of, context, ab, halt_step=HALT_STEP):
     """The states the pack's drag visits, on the bare U-Net: ``z0`` [2k, 4, h, w] (k scenes A,
     then k scenes B) DDIM-inverted to the edit step as ``dragnoise.inversion`` does (the U-Net
     told the destination timestep), then A's propagation from there as
@@ -359,15 +350,15 @@ def propagation_states(unet, z0, goal_bottleneck_of, context, ab, halt_step=HALT
         return unet(z, timesteps=torch.full((len(z),), float(t), device=z.device), context=context.expand(len(z), -1, -1),
                     transformer_options=options)
 
+    ddim_step = dragnoise.optimize.ddim_step
     up = (0,) + DDIM_TIMESTEPS[EDIT_INDEX:][::-1]
     z = z0
     for cur, nxt in zip(up, up[1:]):
-        eps = eps_of(z, nxt)
-        x0 = (z - (1 - ab[cur]).sqrt() * eps) / ab[cur].sqrt()
-        z = ab[nxt].sqrt() * x0 + (1 - ab[nxt]).sqrt() * eps
-    capture = CaptureBottleneck()
-    eps_of(z, DDIM_TIMESTEPS[EDIT_INDEX], capture)
-    bottleneck = goal_bottleneck_of(*capture.value.split(k))
+        z = ddim_step(z, eps_of(z, nxt), ab[cur], ab[nxt])
+    # A bare U-Net has no model patches: run_encoder reads only model_options from its model.
+    enc = dragnoise.features.run_encoder(SimpleNamespace(model_options={}), unet, z, EDIT_TIMESTEP, 0.0,
+                                         context.expand(len(z), -1, -1))
+    bottleneck = goal_bottleneck_of(*enc.bottleneck.split(k))
     z = z[:k]
     down = DDIM_TIMESTEPS[EDIT_INDEX:]
     states, times, substituted = [], [], []
@@ -376,9 +367,9 @@ def propagation_states(unet, z0, goal_bottleneck_of, context, ab, halt_step=HALT
         states.append(z)
         times.append(t)
         substituted.append(sub)
-        eps = eps_of(z, t, SetBottleneck(bottleneck) if sub else None)
-        x0 = (z - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
-        z = ab[down[i + 1]].sqrt() * x0 + (1 - ab[down[i + 1]]).sqrt() * eps if i + 1 < len(down) else x0
+        # The last step goes to t = 0: alpha_bar 1, where the DDIM step gives its x0 estimate.
+        z = ddim_step(z, eps_of(z, t, SetBottleneck(bottleneck) if sub else None), ab[t],
+                      ab[down[i + 1]] if i + 1 < len(down) else torch.ones_like(ab[t]))
     n = len(down)
     return (torch.cat(states), torch.tensor(times).repeat_interleave(k), torch.tensor(substituted).repeat_interleave(k),
             torch.arange(k).repeat(n), bottleneck), z
@@ -396,7 +387,7 @@ def pack_drag(base, dragnoise, bottleneck_rms_at=1.0, shaded=False):
 
     cpu = torch.device("cpu")
     model = comfy.model_patcher.ModelPatcher(base, load_device=next(base.parameters()).device, offload_device=cpu)
-    positive = [[toy_model.default_conditioning(), {"pooled_output": torch.zeros([1, toy_model.CONTEXT_DIM])}]]
+    positive = toy_model.conditioning()
 
     def run(z0, handle, target):
         params = [p for p in base.parameters() if p.requires_grad]
@@ -422,7 +413,7 @@ def pack_drag(base, dragnoise, bottleneck_rms_at=1.0, shaded=False):
     return run
 
 
-def train_propagation(unet, source, steps, pairs, chain, plain, lr, start, backward_safe, halt_step=HALT_STEP,
+def train_propagation(dragnoise, unet, source, steps, pairs, chain, plain, lr, start, halt_step=HALT_STEP,
                       drag=None, dragged_share=0.0, part_way=0.5):
     """Fine-tunes the U-Net on the states the pack's drag visits; returns the EMA weights.
 
@@ -452,30 +443,25 @@ def train_propagation(unet, source, steps, pairs, chain, plain, lr, start, backw
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(100, steps // 10 + 1))
         if buffer is None or len(buffer[0]) < chain:
+            unet.eval()
             if drag is not None and float(torch.rand(())) < dragged_share:
                 a, b, handles, targets = source.drags(pairs)
                 za, zb = (toy_model.scene_latent(torch.as_tensor(x)).to(device) for x in (a, b))
-                unet.eval()
                 optimized = torch.cat([drag(za[i:i + 1], handles[i], targets[i]) for i in range(pairs)]).to(device)
-                (z, t, sub, pair, bottleneck), _ = propagation_states(unet, torch.cat([za, zb]), lambda s_a, s_b: optimized,
-                                                                      context, ab, halt_step)
-                unet.train()
-                order = torch.randperm(len(z))
-                buffer = (z[order], t[order], sub[order], bottleneck[pair[order]], zb[pair[order]])
+                goal, bottleneck_of = zb, lambda s_a, s_b: optimized
                 log(f"propagation step {step + 1}: {pairs} drags optimized by the pack", start)
-        if buffer is None or len(buffer[0]) < chain:
-            a, b, part, shares = source.moved_pairs(pairs, None, interpolate=True)
-            full = torch.rand(pairs) >= part_way
-            shares = torch.where(full, torch.ones_like(shares), shares).to(device)
-            za, zb, zpart = (toy_model.scene_latent(torch.as_tensor(x)).to(device) for x in (a, b, part))
-            zpart = torch.where(full.to(device)[:, None, None, None], zb, zpart)
-            unet.eval()
-            (z, t, sub, pair, bottleneck), _ = propagation_states(
-                unet, torch.cat([za, zb]), lambda s_a, s_b: s_a + shares[:, None, None, None] * (s_b - s_a), context, ab,
-                halt_step)
+            else:
+                a, b, part, shares = source.moved_pairs(pairs, None, interpolate=True)
+                full = torch.rand(pairs) >= part_way
+                shares = torch.where(full, torch.ones_like(shares), shares).to(device)
+                za, zb, zpart = (toy_model.scene_latent(torch.as_tensor(x)).to(device) for x in (a, b, part))
+                goal = torch.where(full.to(device)[:, None, None, None], zb, zpart)
+                bottleneck_of = lambda s_a, s_b: s_a + shares[:, None, None, None] * (s_b - s_a)  # noqa: E731
+            (z, t, sub, pair, bottleneck), _ = propagation_states(dragnoise, unet, torch.cat([za, zb]), bottleneck_of,
+                                                                  context, ab, halt_step)
             unet.train()
             order = torch.randperm(len(z))
-            buffer = (z[order], t[order], sub[order], bottleneck[pair[order]], zpart[pair[order]])
+            buffer = (z[order], t[order], sub[order], bottleneck[pair[order]], goal[pair[order]])
         take = [x[:chain] for x in buffer]
         buffer = [x[chain:] for x in buffer]
         z_c, t_c, sub_c, s_c, goal_c = take
@@ -490,7 +476,7 @@ def train_propagation(unet, source, steps, pairs, chain, plain, lr, start, backw
         weight = torch.cat([((1 - a_c) / a_c).clamp(max=10), torch.ones(plain, 1, 1, 1, device=device)])
         t_all = torch.cat([t_c, t_plain]).to(device).float()
         patch = SetBottleneck(s_c[sub_c])
-        with backward_safe(unet, "norm inputs"):
+        with dragnoise.features.backward_safe(unet, "norm inputs"):
             pred = unet(torch.cat([z_c, zt_plain]), timesteps=t_all, context=context.expand(chain + plain, -1, -1),
                         transformer_options={"patches": {"output_block_patch": [patch]}})
             loss = (weight * (pred - target) ** 2).mean()
@@ -520,7 +506,6 @@ def train_drag_alignment(unet, source, steps, pairs, plain, lr, weight, start, d
     descent direction should point at B's bottleneck.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from types import SimpleNamespace
 
     feat, optimize = dragnoise.features, dragnoise.optimize
     device = next(unet.parameters()).device
@@ -682,9 +667,9 @@ def main(argv=None):
                      args.self_lag)
     unet.load_state_dict(ema)
     if args.chain_steps:
-        unet.load_state_dict(train_propagation(unet, SceneSource(args.seed + 4, args.shaded), args.chain_steps, args.chain_pairs,
-                                               args.chain_states, args.chain_plain, args.unet_lr, start,
-                                               dragnoise.features.backward_safe, drag=pack_drag(base, dragnoise, args.bottleneck_rms or 1.0, args.shaded),
+        unet.load_state_dict(train_propagation(dragnoise, unet, SceneSource(args.seed + 4, args.shaded), args.chain_steps,
+                                               args.chain_pairs, args.chain_states, args.chain_plain, args.unet_lr, start,
+                                               drag=pack_drag(base, dragnoise, args.bottleneck_rms or 1.0, args.shaded),
                                                dragged_share=args.chain_dragged, part_way=args.chain_part_way))
     rms = bottleneck_rms(unet.eval(), shaded=args.shaded)
     if args.bottleneck_rms:
