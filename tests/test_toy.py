@@ -369,6 +369,14 @@ def test_committed_model_takes_little_of_its_layout_from_the_bottleneck(toy, com
     # --moved-interpolate model of toy/FINDINGS.md).
     (alignment,) = probe.motion_alignment(dragnoise, model, vae, positive, radii=(1, 12), cases=1)
     assert len(alignment) == 2 and all(abs(c) < 0.1 for c in alignment), alignment
+    # Matching the moved scene's whole supervision feature gets what its bottleneck gets (on the
+    # --moved-lag model of toy/FINDINGS.md too, there 88%, 61%, 12%), and asking A's own feature
+    # to be at the moved footprint does not move this model's object either.
+    matched, shifted = (probe.feature_match(dragnoise, model, vae, positive, target, cases=1, steps=100)[0]
+                        for target in ("moved", "shifted"))
+    assert matched["loss"][1] < 0.6 * matched["loss"][0], matched
+    assert abs(matched["moved_fraction"] - truth["moved_fraction"]) < 0.1, (matched, truth)
+    assert shifted["loss"][1] < shifted["loss"][0] and abs(shifted["moved_fraction"]) < 0.2, shifted
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,14 @@ U-Net runs on A's noisy latent with B's bottleneck (mid-block output) swapped in
 how far its x0 prediction goes from A's own toward B's own, projected on that direction: 0 when
 the decoder ignores the bottleneck, 1 when the layout comes from the bottleneck alone.
 ``truth_substitution`` goes one further: it propagates the truly moved scene's bottleneck through
-the pack's own DDIM inversion and propagation, the best a drag could do on the model.
+the pack's own DDIM inversion and propagation, the best a drag could do on the model;
+``feature_match`` optimizes the bottleneck for a whole supervision feature map at once, which locates
+what the motion loss, one patch a step, leaves of that.
 
     .venv/bin/python toy/probe.py [--weights toy/weights/toy-sd15.safetensors] [--cases 3]
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -166,8 +169,6 @@ def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strengt
         dragnoise: the pack's ``dragnoise`` package as ComfyUI loaded it (``bench.comfy_env.start``).
         model, vae, positive: the toy's MODEL, VAE and CONDITIONING (``toy.model.load``).
     """
-    import dataclasses
-
     generator = torch.Generator().manual_seed(seed)
 
     def noised_like(inversion, eps):
@@ -250,6 +251,63 @@ def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3,
     return rows
 
 
+def feature_match(dragnoise, model, vae, positive, target="moved", cases=3, seed=5, strength=0.7, halt_step=10,
+                  shaded=False, steps=300, learning_rate=0.01):
+    """Where Bottleneck Optimize could get if it asked the supervision feature (up_blocks.2) for
+    the whole move at once instead of one patch a step: A's bottleneck optimized (Adam, mean L1
+    per channel) until its supervision feature matches
+
+    - ``"moved"``: the truly moved scene B's whole feature map, or
+    - ``"shifted"``: A's own feature translated by the drag, on the object's moved footprint only
+      (what the motion loss asks of the handle's patch, asked of the whole object; the rest free),
+
+    then propagated as ``truth_substitution`` does. One dict per case: ``measure.score_drag``'s
+    keys and ``loss`` (first step's, last step's).
+    """
+    import torch.nn.functional as F
+
+    if target not in ("moved", "shifted"):
+        raise ValueError(f"target: {target!r}; use 'moved' or 'shifted'")
+    feat = dragnoise.features
+    rows = []
+    for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength, shaded):
+        enc = _encoder_state(dragnoise, model, a)
+        decoder = feat.Decoder(model.model.diffusion_model, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], False)
+        with torch.inference_mode(False), feat.autograd_weights(decoder.modules()), \
+                feat.backward_safe(decoder.modules(), "norm inputs"):
+            with torch.no_grad():
+                if target == "moved":
+                    goal = decoder(_encoder_state(dragnoise, model, b).bottleneck.clone(), enc)[0].float()
+                    weight = torch.ones_like(goal[:, :1])
+                else:
+                    own = decoder(enc.bottleneck.clone(), enc)[0].float()  # [1, C, H, W]
+                    pixel = scene.size // own.shape[-1]
+                    obj = scene.objects[index]
+                    footprint = torch.from_numpy(obj.mask(scene.size, np.add(obj.center, drag))).float()[None, None]
+                    weight = (F.avg_pool2d(footprint, pixel) > 0.5).float()
+                    goal = torch.roll(own, shifts=(round(drag[1] / pixel), round(drag[0] / pixel)), dims=(-2, -1))
+            s = enc.bottleneck.clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([s], lr=learning_rate)
+            losses = []
+            for _ in range(steps):
+                loss = ((decoder(s, enc)[0].float() - goal).abs() * weight).sum() / (weight.sum() * goal.shape[1])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        edit = dataclasses.replace(_still_edit(dragnoise, model, a, scene, index), bottleneck=s.detach().float().cpu())
+        with torch.inference_mode():
+            image = vae.decode(dragnoise.propagation.propagated_sample(model, a, edit, halt_step))[0].numpy()
+        rows.append({**measure.score_drag(scene, index, drag, image), "loss": (losses[0], losses[-1])})
+    return rows
+
+
+def _scores(scores):
+    return (", ".join(f"{100 * s['moved_fraction']:.0f}%" for s in scores) + " of the drag; overlap with where it should be "
+            + ", ".join(f"{s['overlap']:.2f}" for s in scores) + "; colour error there "
+            + ", ".join(f"{s['object_mae']:.0f}" for s in scores) + " / 255")
+
+
 def main(argv=None):
     import argparse
 
@@ -273,10 +331,7 @@ def main(argv=None):
     print(f"bottleneck share of the layout at t={EDIT_TIMESTEP}: {share:.3f}; bottleneck RMS {rms:.2f}")
     scores = truth_substitution(dragnoise, model, vae, positive, args.cases, shaded=args.shaded,
                                 forward_noised=args.forward_noised)
-    print("truly moved scene's bottleneck propagated: the object moved "
-          + ", ".join(f"{100 * s['moved_fraction']:.0f}%" for s in scores) + " of the drag; overlap with where it should be "
-          + ", ".join(f"{s['overlap']:.2f}" for s in scores) + "; colour error there "
-          + ", ".join(f"{s['object_mae']:.0f}" for s in scores) + " / 255")
+    print("truly moved scene's bottleneck propagated: the object moved " + _scores(scores))
     costs = zero_drag_cost(dragnoise, model, vae, positive, args.cases, shaded=args.shaded)
     print("a drag of length zero (own bottleneck substituted) against a plain reconstruction: change on the object "
           + ", ".join(f"{c['object'][1]:.0f} (plain {c['object'][0]:.0f})" for c in costs) + ", elsewhere "
@@ -284,6 +339,11 @@ def main(argv=None):
     rows = motion_alignment(dragnoise, model, vae, positive, cases=args.cases, shaded=args.shaded)
     print("motion loss's first step toward the truly moved bottleneck (cosine), patch radius 1 / 4 / 12: "
           + "; ".join(" / ".join(f"{c:.2f}" for c in row) for row in rows))
+    for target, what in (("moved", "the truly moved scene's whole supervision feature"),
+                         ("shifted", "A's supervision feature shifted by the drag, on the moved footprint only")):
+        scores = feature_match(dragnoise, model, vae, positive, target, args.cases, shaded=args.shaded)
+        print(f"bottleneck optimized to match {what}: the object moved " + _scores(scores) + "; loss "
+              + ", ".join(f"{s['loss'][0]:.3f} -> {s['loss'][1]:.3f}" for s in scores))
 
 
 if __name__ == "__main__":
