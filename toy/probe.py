@@ -230,10 +230,10 @@ def motion_alignment(dragnoise, model, vae, positive, radii=(1, 4, 12), cases=3,
 
     feat = dragnoise.features
     scale = dragnoise.optimize.FEATURE_SCALE
+    decoder = feat.Decoder(model.model.diffusion_model, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], False)
     rows = []
     for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength, shaded):
         enc, truth = _encoder_state(dragnoise, model, a), _encoder_state(dragnoise, model, b).bottleneck
-        decoder = feat.Decoder(model.model.diffusion_model, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], False)
         handle = torch.tensor(scene.objects[index].center[::-1]) / scale  # (row, col) on the feature grid
         step = torch.tensor(drag[::-1], dtype=torch.float32)
         step = step / step.norm()
@@ -269,10 +269,10 @@ def feature_match(dragnoise, model, vae, positive, target="moved", cases=3, seed
     if target not in ("moved", "shifted"):
         raise ValueError(f"target: {target!r}; use 'moved' or 'shifted'")
     feat = dragnoise.features
+    decoder = feat.Decoder(model.model.diffusion_model, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], False)
     rows = []
     for scene, index, drag, a, b in _inverted_pairs(dragnoise, model, vae, positive, cases, seed, strength, shaded):
         enc = _encoder_state(dragnoise, model, a)
-        decoder = feat.Decoder(model.model.diffusion_model, feat.SUPERVISION_BLOCKS[feat.DEFAULT_SUPERVISION], False)
         with torch.inference_mode(False), feat.autograd_weights(decoder.modules()), \
                 feat.backward_safe(decoder.modules(), "norm inputs"):
             with torch.no_grad():
