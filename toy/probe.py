@@ -182,12 +182,19 @@ def truth_substitution(dragnoise, model, vae, positive, cases=3, seed=5, strengt
         if forward_noised:
             eps = torch.randn(a.source_latent.shape, generator=generator)
             a, b = noised_like(a, eps), noised_like(b, eps)
-        edit = dataclasses.replace(_still_edit(dragnoise, model, a, scene, index),
-                                   bottleneck=_encoder_state(dragnoise, model, b).bottleneck.float().cpu())
-        with torch.inference_mode():
-            image = vae.decode(dragnoise.propagation.propagated_sample(model, a, edit, halt_step))[0].numpy()
-        scores.append(measure.score_drag(scene, index, drag, image))
+        bottleneck = _encoder_state(dragnoise, model, b).bottleneck
+        scores.append(_propagated_score(dragnoise, model, vae, a, scene, index, drag, bottleneck, halt_step))
     return scores
+
+
+def _propagated_score(dragnoise, model, vae, inversion, scene, index, drag, bottleneck, halt_step):
+    """``measure.score_drag`` of object ``index`` after the pack's propagation from ``inversion``
+    with ``bottleneck`` ([1, C, h, w]) substituted down to ``halt_step``."""
+    edit = dataclasses.replace(_still_edit(dragnoise, model, inversion, scene, index),
+                               bottleneck=bottleneck.detach().float().cpu())
+    with torch.inference_mode():
+        image = vae.decode(dragnoise.propagation.propagated_sample(model, inversion, edit, halt_step))[0].numpy()
+    return measure.score_drag(scene, index, drag, image)
 
 
 def _still_edit(dragnoise, model, inversion, scene, index):
@@ -295,10 +302,8 @@ def feature_match(dragnoise, model, vae, positive, target="moved", cases=3, seed
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
-        edit = dataclasses.replace(_still_edit(dragnoise, model, a, scene, index), bottleneck=s.detach().float().cpu())
-        with torch.inference_mode():
-            image = vae.decode(dragnoise.propagation.propagated_sample(model, a, edit, halt_step))[0].numpy()
-        rows.append({**measure.score_drag(scene, index, drag, image), "loss": (losses[0], losses[-1])})
+        score = _propagated_score(dragnoise, model, vae, a, scene, index, drag, s, halt_step)
+        rows.append({**score, "loss": (losses[0], losses[-1])})
     return rows
 
 
