@@ -47,23 +47,25 @@ class Case:
 
 def make_cases(n, seed=0, size=256, shaded=False):
     """``n`` cases; every other one has a mask: the object's footprint swept along the drag,
-    widened by 12 px. ``shaded``: shaded objects (for a model trained on them)."""
+    widened by 12 px. ``shaded``: shaded objects (for a model trained on them). Drag lengths and
+    margins are for 256 px scenes and scale with ``size``."""
     rng = np.random.default_rng(seed)
+    k = size / 256
     cases = []
     while len(cases) < n:
         scene = random_scene(rng, size, shaded=shaded)
         obj = scene.objects[0]
-        angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(24, 64)
+        angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(24, 64) * k
         handle = (obj.center[0] + rng.uniform(-0.3, 0.3) * obj.radius, obj.center[1] + rng.uniform(-0.3, 0.3) * obj.radius)
         target = (handle[0] + length * np.cos(angle), handle[1] + length * np.sin(angle))
-        if not all(16 <= v <= size - 16 for v in target):
+        if not all(16 * k <= v <= size - 16 * k for v in target):
             continue
         case = Case(scene, 0, tuple(map(float, handle)), tuple(map(float, target)))
         if len(cases) % 2:
             swept = np.zeros((size, size), bool)
             for f in np.linspace(0, 1, 9):
                 swept |= obj.moved(case.drag[0] * f, case.drag[1] * f).mask(size)
-            case.mask = measure._dilate(swept, 12)
+            case.mask = measure._dilate(swept, max(1, round(12 * k)))
         cases.append(case)
     return cases
 
@@ -163,8 +165,9 @@ def main(argv=None):
     start = time.time()
     from toy import model as toy_model
 
-    shaded = toy_model.trained_on_shaded(args.weights or toy_model.WEIGHTS)
-    for i, case in enumerate(make_cases(args.cases, args.seed, shaded=shaded)):
+    weights = args.weights or toy_model.WEIGHTS
+    shaded, size = toy_model.trained_on_shaded(weights), toy_model.image_size(weights)
+    for i, case in enumerate(make_cases(args.cases, args.seed, size, shaded)):
         rows.append({"case": i, "masked": case.mask is not None, "drag": case.drag} | runner.run(case))
         r = rows[-1]
         print(f"case {i + 1}/{args.cases} ({'mask' if r['masked'] else 'no mask'}, drag {np.hypot(*case.drag):.0f} px): "
@@ -175,7 +178,7 @@ def main(argv=None):
             Path(args.out).write_text(json.dumps({"args": vars(args), "table": table, "cases": rows}, indent=1,
                                                  default=float))
     print(f"\n{table}\n\n{len(rows)} cases in {time.time() - start:.0f} s; max_steps {args.max_steps}, "
-          f"halt_step {args.halt_step}, toy model at 256 px{', shaded objects' if shaded else ''}")
+          f"halt_step {args.halt_step}, toy model at {size} px{', shaded objects' if shaded else ''}")
     return rows, table
 
 

@@ -89,13 +89,20 @@ def test_batch_renderer_draws_the_numpy_renderers_pixels(device):
         batch_render.render([batch[0], scenes.random_scene(rng, size=64)], device)
 
 
-def import_train():
+def import_script(name):
+    """A repository script as a module (``toy.train``, ``bench.bench_quality``), with its change of
+    ``sys.path`` undone: it puts the repository first, where its nodes/ would shadow ComfyUI's."""
+    import importlib
+
     path = list(sys.path)
     try:
-        from toy import train
+        return importlib.import_module(name)
     finally:
-        sys.path[:] = path  # train.py puts the repository first, where its nodes/ would shadow ComfyUI's
-    return train
+        sys.path[:] = path
+
+
+def import_train():
+    return import_script("toy.train")
 
 
 def test_copy_bottleneck_hands_samples_the_bottleneck_of_others(comfy):
@@ -165,12 +172,15 @@ def test_toy_model_is_sd15_type_and_its_vae_encodes_the_scene_latent(toy, comfy)
     assert cond[0][0].shape == (1, 77, 64)
 
 
+def clean_env():
+    return {"DRAGNOISE_COMFYUI": str(COMFY_DIR), "PATH": "/usr/bin:/bin",
+            **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
+
+
 def run_quick(script, out, timeout, *args):
     """Runs ``script`` (relative to the repository) with ``--quick --out out`` and ``args`` in a
     clean environment, as a user would; fails with its output's tail. Returns the CompletedProcess."""
-    run = subprocess.run([sys.executable, str(REPO / script), "--quick", "--out", str(out), *args],
-                         env={"DRAGNOISE_COMFYUI": str(COMFY_DIR), "PATH": "/usr/bin:/bin",
-                              **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}},
+    run = subprocess.run([sys.executable, str(REPO / script), "--quick", "--out", str(out), *args], env=clean_env(),
                          capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     return run
@@ -232,6 +242,28 @@ def test_training_script_quick_run_writes_a_loadable_model(tmp_path, comfy):
     assert "unet step" not in run.stdout and "undone" not in run.stdout, run.stdout[-2000:]
     kept_meta = toy_model.metadata(str(kept))
     assert kept_meta["bottleneck_rms"] == "4.0" and float(kept_meta["trained_bottleneck_rms"]) == trained
+
+
+def test_training_script_trains_a_smaller_world(tmp_path, comfy):
+    """--image-size: scenes of that size, whole latents, recorded so the benchmark drags scenes of it."""
+    bench_quality = import_script("bench.bench_quality")
+    out = tmp_path / "small.safetensors"
+    run = run_quick("toy/train.py", out, 600, "--image-size", "64", "--heads", "1", "--skipless-blocks", "11")
+    assert "unet step 1/4 (8x8)" in run.stdout and "unet step 4/4 (8x8)" in run.stdout, run.stdout[-2000:]
+    assert toy_model.image_size(str(out)) == 64 and toy_model.image_size() == 256
+    with torch.inference_mode():
+        model, vae, _ = toy_model.load(str(out))
+        latent = vae.encode(torch.zeros([1, 64, 64, 3]))
+    assert latent.shape == (1, 4, 8, 8)
+    cases = bench_quality.make_cases(4, seed=3, size=64)
+    assert all(c.scene.size == 64 and 6 <= np.hypot(*c.drag) <= 16 for c in cases)
+    assert cases[1].mask.shape == (64, 64) and cases[0].mask is None
+    bad = subprocess.run([sys.executable, str(REPO / "toy/train.py"), "--quick", "--image-size", "100", "--out",
+                          str(tmp_path / "no.safetensors")], env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--image-size must be a multiple of 64" in bad.stderr
+    more = tmp_path / "more.safetensors"  # continuing it stays in its world
+    run = run_quick("toy/train.py", more, 600, "--init", str(out), "--vae-steps", "0", "--skipless-blocks", "11")
+    assert "unet step 4/4 (8x8)" in run.stdout and toy_model.image_size(str(more)) == 64, run.stdout[-2000:]
 
 
 def test_propagation_states_are_the_packs_inversion_and_propagation(toy, comfy):

@@ -193,6 +193,12 @@ def metadata(path=WEIGHTS):
         return f.metadata() or {}
 
 
+def image_size(path=WEIGHTS):
+    """The scenes' size in pixels a weights file was trained on (``train.py --image-size``; 256,
+    the toy's world, if not recorded): drags on it should use scenes of that size."""
+    return int(metadata(path).get("image_size", 256))
+
+
 def trained_on_shaded(path=WEIGHTS):
     """Whether a weights file was trained on shaded objects (``train.py --shaded``, recorded in its
     metadata): drags on it should use shaded scenes too."""

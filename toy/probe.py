@@ -329,6 +329,7 @@ def main(argv=None):
     dragnoise = comfy_env.start(pytorch_attention=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    toy_model.IMAGE_SIZE = toy_model.image_size(args.weights)  # probe scenes of the size it was trained on
     model, vae, positive = toy_model.load(args.weights)
     with torch.inference_mode():
         share = bottleneck_share(model.model.diffusion_model, shaded=args.shaded)

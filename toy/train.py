@@ -255,7 +255,7 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
             group["lr"] = lr_at(step, steps, lr, min(200, steps // 10 + 1))
         full = step >= full_from
         n = full_batch if full else batch
-        crop = None if full else 128
+        crop = None if full or toy_model.IMAGE_SIZE <= 128 else 128
         k = min(n // 2, round(n * moved_fraction / 2))
         scenes, moved, partial, shares = source.moved_pairs(k, crop, moved_interpolate) if k else ((), (), (), None)
         plain = torch.as_tensor(source.images(n - 2 * k, crop))
@@ -297,7 +297,8 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
             swapped = f", moved pairs {torch.nn.functional.mse_loss(pred[:k], target[:k]).item():.4f}" if k else ""
             swapped += f", lagged own {torch.nn.functional.mse_loss(pred[own], target[own]).item():.4f}" if j else ""
             rms = scale.mean_square.mean().sqrt().item()
-            log(f"unet step {step + 1}/{steps} ({'32x32' if full else '16x16'}): loss {loss.item():.4f}{swapped}, bottleneck rms {rms:.2f}", start)
+            side = (crop or toy_model.IMAGE_SIZE) // 8
+            log(f"unet step {step + 1}/{steps} ({side}x{side}): loss {loss.item():.4f}{swapped}, bottleneck rms {rms:.2f}", start)
     return ema
 
 
@@ -617,6 +618,9 @@ def main(argv=None):
     parser.add_argument("--shaded", action="store_true", help="train on shaded objects (scenes.random_scene(shaded=True))")
     parser.add_argument("--heads", type=int, default=8,
                         help="attention heads per transformer (SD1.5's 8; 1 trains about twice as fast on a CPU); an --init keeps its own")
+    parser.add_argument("--image-size", type=int,
+                        help="scene size in pixels, a multiple of 64 (default 256, or an --init's own; below 256 the "
+                             "U-Net trains on whole latents only)")
     parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -628,6 +632,11 @@ def main(argv=None):
         args.batch = 4
         args.align_steps, args.align_pairs, args.align_plain = min(args.align_steps, 2), 2, 2
         args.chain_steps, args.chain_pairs, args.chain_states, args.chain_plain = min(args.chain_steps, 2), 1, 2, 2
+    args.image_size = args.image_size or (toy_model.image_size(args.init) if args.init else toy_model.IMAGE_SIZE)
+    if args.image_size < 64 or args.image_size % 64:
+        parser.error(f"--image-size must be a multiple of 64 (the VAE trains on 64 px crops), not {args.image_size}")
+    # The scene sources and probe.py's measures draw scenes of the toy's world size from here.
+    toy_model.IMAGE_SIZE = args.image_size
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -682,7 +691,7 @@ def main(argv=None):
     target_rms, trained_rms = kept_rescaling or (0.0, rms)
     log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
     toy_model.save(args.out, unet, ae, metadata={
-        "made_by": "toy/train.py", "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
+        "made_by": "toy/train.py", "seed": args.seed, "image_size": args.image_size, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag, "self_lag": args.self_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
