@@ -47,8 +47,8 @@ class Case:
 
 def make_cases(n, seed=0, size=256, shaded=False):
     """``n`` cases; every other one has a mask: the object's footprint swept along the drag,
-    widened by 12 px. ``shaded``: shaded objects (for a model trained on them). Drag lengths and
-    margins are for 256 px scenes and scale with ``size``."""
+    widened by 12 px. ``shaded``: shaded objects (for a model trained on them). Drag lengths (24-64
+    px), margins and that widening are for 256 px scenes and scale with ``size``."""
     rng = np.random.default_rng(seed)
     k = size / 256
     cases = []
