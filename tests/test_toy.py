@@ -266,6 +266,39 @@ def test_training_script_trains_a_smaller_world(tmp_path, comfy):
     assert "unet step 4/4 (8x8)" in run.stdout and toy_model.image_size(str(more)) == 64, run.stdout[-2000:]
 
 
+def test_pointwise_top_reads_z_t_one_pixel_at_a_time(tmp_path, comfy):
+    """--pointwise-top: with the bottleneck held fixed, a pixel's noise prediction depends on z_t
+    at that pixel and (through the group norms' statistics) next to nothing elsewhere; recorded,
+    and kept by a run that continues the model."""
+    out = tmp_path / "pointwise.safetensors"
+    run_quick("toy/train.py", out, 600, "--image-size", "64", "--heads", "1", "--skipless-blocks", "11", "--pointwise-top")
+    more = tmp_path / "more.safetensors"
+    run_quick("toy/train.py", more, 600, "--init", str(out), "--vae-steps", "0", "--skipless-blocks", "11")
+    for path, pointwise in ((out, True), (more, True), (tmp_path / "plain.safetensors", False)):
+        if not pointwise:
+            run_quick("toy/train.py", path, 600, "--image-size", "64", "--heads", "1", "--skipless-blocks", "11")
+        assert toy_model.metadata(str(path))["pointwise_top"] == str(pointwise)
+        model, _, _ = toy_model.load(str(path))
+        unet = model.model.diffusion_model
+        # A 32x32 latent, so that the group norms' statistics weigh each other pixel by about 1/1000.
+        zt = torch.randn(1, 4, 32, 32, requires_grad=True)
+
+        def fixed_bottleneck(h, hsp, transformer_options):
+            if transformer_options.get("block") == ("output", 0):
+                h = torch.randn(h.shape, generator=torch.Generator().manual_seed(0))
+            return h, hsp
+
+        options = {"patches": {"output_block_patch": [fixed_bottleneck]}}
+        with pack_module("dragnoise.features").backward_safe(unet, "norm inputs"):
+            eps = unet(zt, timesteps=torch.tensor([681.0]), context=toy_model.default_conditioning(),
+                       transformer_options=options)
+            (grad,) = torch.autograd.grad(eps[0, :, 16, 16].sum(), zt)
+        own = grad[0, :, 16, 16].abs().sum()
+        neighbours = grad[0, :, 15:18, 15:18].abs().sum() - own
+        assert own > 0
+        assert (neighbours < 0.05 * own) == pointwise, (path, own, neighbours)
+
+
 def test_propagation_states_are_the_packs_inversion_and_propagation(toy, comfy):
     """What --chain-steps trains on must be what a drag visits: on the bare U-Net,
     train.propagation_states gives the pack's DDIM inversion, edit-step bottleneck and propagated

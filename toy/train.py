@@ -16,7 +16,9 @@ Phases:
    the decoder through the bottleneck. Without this a model this small and briefly trained
    predicts everything from its skips and ignores its bottleneck, unlike SD1.5, whose
    bottleneck carries the semantics (the DragNoise paper, Fig. 1-2): the property the method
-   builds on. ``toy/probe.py`` measures it.
+   builds on. ``toy/probe.py`` measures it. ``--pointwise-top`` (off for the committed weights)
+   also keeps the one skip left, the top level's, from seeing more of z_t than each pixel
+   (``hold_top_pointwise``).
 
    ``--moved-pairs`` (off for the committed weights) trains part of each batch on pairs of a
    scene and the same scene with one object moved: the decoder sees the first's noisy latent
@@ -200,9 +202,35 @@ def hold_skips_at_zero(unet, blocks):
         for conv in (res.in_layers[2], res.skip_connection):
             keep = torch.ones_like(conv.weight)
             keep[:, -skip_channels:] = 0
-            with torch.no_grad():
-                conv.weight.mul_(keep)
-            conv.weight.register_hook(lambda grad, keep=keep: grad * keep)
+            _hold(conv.weight, keep)
+
+
+def hold_top_pointwise(unet):
+    """Keeps the decoder's top level from seeing z_t's neighbourhood: ``conv_in``, the part of the
+    last output block's first convolution that reads its skip, that block's second convolution
+    and the output convolution keep only their centre taps, and that block's transformer is held
+    at identity. With the other skips held at zero (``--skipless-blocks 11``), each pixel's noise
+    prediction then reads z_t at that pixel alone and every layout from the bottleneck: with the
+    stock 3x3 taps it sees 9x9 latent pixels of z_t, enough to denoise an object where z_t has
+    it and to paint the background where the bottleneck asks for a moved object
+    (toy/FINDINGS.md, "A pointwise top level")."""
+    res, transformer = unet.output_blocks[-1][0], unet.output_blocks[-1][1]
+    skip_channels = unet.input_blocks[0][0].out_channels
+    for conv, channels in ((unet.input_blocks[0][0], slice(None)), (res.in_layers[2], slice(-skip_channels, None)),
+                           (res.out_layers[3], slice(None)), (unet.out[2], slice(None))):
+        keep = torch.ones_like(conv.weight)
+        keep[:, channels] = 0
+        keep[:, :, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = 1
+        _hold(conv.weight, keep)
+    for tensor in (transformer.proj_out.weight, transformer.proj_out.bias):
+        _hold(tensor, torch.zeros_like(tensor))
+
+
+def _hold(weight, keep):
+    """Multiplies ``weight`` by ``keep`` now and its gradient at every backward."""
+    with torch.no_grad():
+        weight.mul_(keep)
+    weight.register_hook(lambda grad, keep=keep: grad * keep)
 
 
 def moved_target(zt, goal, alpha_bar):
@@ -584,6 +612,9 @@ def main(argv=None):
     parser.add_argument("--unet-lr", type=float, default=1e-3, help="peak learning rate of the U-Net (lower to continue a trained one)")
     parser.add_argument("--skipless-blocks", type=int, default=9,
                         help="how many of the decoder's first blocks take no skip feature (0: plain SD1.5 training)")
+    parser.add_argument("--pointwise-top", action="store_true",
+                        help="the decoder's top level reads z_t one pixel at a time (hold_top_pointwise); an --init that was "
+                             "trained so keeps it")
     parser.add_argument("--moved-pairs", type=float, default=0.0,
                         help="share of each U-Net batch trained as moved pairs (bottleneck of the scene with an object moved)")
     parser.add_argument("--moved-lag", type=int, default=0,
@@ -670,6 +701,9 @@ def main(argv=None):
 
     unet = base.diffusion_model.to(device).train()
     hold_skips_at_zero(unet, range(args.skipless_blocks))
+    args.pointwise_top = args.pointwise_top or bool(args.init and toy_model.metadata(args.init).get("pointwise_top") == "True")
+    if args.pointwise_top:
+        hold_top_pointwise(unet)
     ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded, render_on), args.unet_steps, args.unet_steps - args.full_steps,
                      args.batch, args.full_batch or max(1, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
                      args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise,
@@ -692,7 +726,8 @@ def main(argv=None):
     log(f"bottleneck share of the layout at the edit step (toy/probe.py): {share:.2f}", start)
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "image_size": args.image_size, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
-        "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks, "moved_pairs": args.moved_pairs,
+        "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks,
+        "pointwise_top": args.pointwise_top, "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag, "self_lag": args.self_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
         "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "attention_heads": args.heads, "align_steps": args.align_steps,
