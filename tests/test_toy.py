@@ -274,9 +274,9 @@ def test_pointwise_top_reads_z_t_one_pixel_at_a_time(tmp_path, comfy):
     run_quick("toy/train.py", out, 600, "--image-size", "64", "--heads", "1", "--skipless-blocks", "11", "--pointwise-top")
     more = tmp_path / "more.safetensors"
     run_quick("toy/train.py", more, 600, "--init", str(out), "--vae-steps", "0", "--skipless-blocks", "11")
-    for path, pointwise in ((out, True), (more, True), (tmp_path / "plain.safetensors", False)):
-        if not pointwise:
-            run_quick("toy/train.py", path, 600, "--image-size", "64", "--heads", "1", "--skipless-blocks", "11")
+    plain = tmp_path / "plain.safetensors"
+    run_quick("toy/train.py", plain, 600, "--image-size", "64", "--heads", "1", "--skipless-blocks", "11")
+    for path, pointwise in ((out, True), (more, True), (plain, False)):
         assert toy_model.metadata(str(path))["pointwise_top"] == str(pointwise)
         model, _, _ = toy_model.load(str(path))
         unet = model.model.diffusion_model

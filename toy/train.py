@@ -685,6 +685,7 @@ def main(argv=None):
         base.diffusion_model.load_state_dict(unet_sd)
         ae.load_state_dict(vae_sd)
         settings = toy_model.metadata(args.init)
+        args.pointwise_top = args.pointwise_top or settings.get("pointwise_top") == "True"
         if float(settings.get("bottleneck_rms", 0)):
             rescaling = float(settings["bottleneck_rms"]), float(settings["trained_bottleneck_rms"])
             if args.unet_steps or args.chain_steps:
@@ -701,7 +702,6 @@ def main(argv=None):
 
     unet = base.diffusion_model.to(device).train()
     hold_skips_at_zero(unet, range(args.skipless_blocks))
-    args.pointwise_top = args.pointwise_top or bool(args.init and toy_model.metadata(args.init).get("pointwise_top") == "True")
     if args.pointwise_top:
         hold_top_pointwise(unet)
     ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded, render_on), args.unet_steps, args.unet_steps - args.full_steps,
