@@ -205,6 +205,15 @@ def trained_on_shaded(path=WEIGHTS):
     return metadata(path).get("shaded") == "True"
 
 
+def scene_kinds(path=WEIGHTS):
+    """The object kinds a weights file was trained on (``train.py --kinds``; all of
+    ``toy.scenes.KINDS`` if not recorded): drags on it should use scenes of those."""
+    from toy.scenes import KINDS
+
+    kinds = metadata(path).get("kinds")
+    return tuple(kinds.split(",")) if kinds else KINDS
+
+
 def attention_heads(path=WEIGHTS):
     """The attention heads a weights file was trained with (``train.py --heads``; 8 if not recorded)."""
     return int(metadata(path).get("attention_heads", 8))

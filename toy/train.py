@@ -33,6 +33,11 @@ Phases:
    times faster per training step on 2 cores (bench/bench_toy_training.py, BENCHMARKS.md). In
    the one-head run of toy/FINDINGS.md a step of 8 whole latents took 0.85 s, one of 32 crops 1.25 s.
 
+   ``--parametric`` (off for the committed weights) replaces these U-Net steps with
+   ``train_parametric``: whole latents, the bottleneck taught to hold each object as a few numbers
+   and the supervision feature each pixel's offset from its object's centre (toy/parametric.py);
+   ``--kinds disc`` keeps the scenes to the one kind of object that map describes.
+
 3. Optionally (``--align-steps``, off for the committed weights), a fine-tune that trains the
    motion loss's gradient itself to head for the moved scene's bottleneck
    (``train_drag_alignment``): the optimization, not only the decoder, is what has to find the
@@ -58,7 +63,8 @@ from toy import batch_render  # noqa: E402
 from toy import model as toy_model  # noqa: E402
 from toy.probe import (EDIT_TIMESTEP, BottleneckScale, NoisyBottleneck, SwapBottleneck, alphas_cumprod, bottleneck_rms,  # noqa: E402
                        bottleneck_share, noised)
-from toy.scenes import moved_pair, moved_part_way, pair_drag, random_scene  # noqa: E402
+from toy import parametric  # noqa: E402
+from toy.scenes import KINDS, moved_pair, moved_part_way, pair_drag, random_scene  # noqa: E402
 
 
 class SceneSource:
@@ -66,17 +72,22 @@ class SceneSource:
     the numpy renderer into numpy arrays, or, given a ``device``, by ``toy.batch_render`` into
     tensors on it (the same pixels, a whole batch at once on that device)."""
 
-    def __init__(self, seed, shaded=False, device=None):
+    def __init__(self, seed, shaded=False, device=None, kinds=KINDS):
         self.rng = np.random.default_rng(seed)
         self.shaded = shaded
         self.device = device
+        self.kinds = kinds
+
+    def scenes(self, n):
+        """``n`` whole random scenes (``toy.scenes.Scene``), not rendered."""
+        return [random_scene(self.rng, toy_model.IMAGE_SIZE, kinds=self.kinds, shaded=self.shaded) for _ in range(n)]
 
     def images(self, n, crop=None):
         """[n, crop, crop, 3] float32 images (whole scenes when ``crop`` is None), randomly
         flipped and rotated by multiples of 90 degrees."""
         scenes, views = [], []
         for _ in range(n):
-            scenes.append(random_scene(self.rng, toy_model.IMAGE_SIZE, shaded=self.shaded))
+            scenes.append(random_scene(self.rng, toy_model.IMAGE_SIZE, kinds=self.kinds, shaded=self.shaded))
             views.append(self._view(crop))
         return self._augment(self._render(scenes), views, crop)
 
@@ -327,6 +338,58 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
             rms = scale.mean_square.mean().sqrt().item()
             side = (crop or toy_model.IMAGE_SIZE) // 8
             log(f"unet step {step + 1}/{steps} ({side}x{side}): loss {loss.item():.4f}{swapped}, bottleneck rms {rms:.2f}", start)
+    return ema
+
+
+def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param_weight=1.0, feature_weight=1.0):
+    """Whole-latent eps-prediction with a parametric bottleneck (``toy.parametric``); returns the
+    EMA weights. Every sample's bottleneck learns the ``param_map`` of the scene its z_t shows,
+    and its supervision feature the ``offset_field`` of the scene it is asked to predict. Three
+    quarters of each batch decode from a true map instead of their own bottleneck (``soften``ed,
+    objects held by random nearby cells: the decoder draws an object wherever its offset puts
+    it), half of those with z_t of the scene with one object elsewhere (``displaced``, t >= 150):
+    the decoder learns to draw what the bottleneck says, not what z_t still shows, as a drag's
+    propagation asks. The noise is weighed as an x0 error (capped at 10, as moved pairs are)."""
+    device = next(unet.parameters()).device
+    ab = alphas_cumprod().to(device)
+    context = toy_model.default_conditioning().to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    feature = {}
+    hook = unet.output_blocks[parametric.FEATURE_BLOCK][-1].register_forward_hook(
+        lambda module, inputs, output: feature.__setitem__("F", output))
+    taught, moved = (3 * batch) // 4, (3 * batch) // 8
+    rng = source.rng
+    for step in range(steps):
+        decay = min(0.999, (1 + step) / (10 + step))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, min(200, steps // 10 + 1))
+        goals = source.scenes(batch)  # what each sample is to predict
+        shown = [parametric.displaced(s, rng) for s in goals[:moved]] + goals[moved:]  # what its z_t shows
+        told = parametric.soften(parametric.param_map(goals[:taught], rng, anchors=shown[:taught]), rng).to(device)
+        goal = toy_model.scene_latent(np.stack([s.render() for s in goals])).to(device)
+        z0 = toy_model.scene_latent(np.stack([s.render() for s in shown])).to(device) if moved else goal
+        t = torch.randint(0, 1000, (batch,), device=device)
+        t[:moved] = torch.randint(150, 1000, (moved,), device=device)
+        eps = torch.randn_like(z0)
+        a = ab[t][:, None, None, None]
+        zt = noised(z0, eps, a)
+        target, weight = moved_target(zt, goal, a)  # = eps where z0 is the goal
+        patch = parametric.ParamBottleneck(told)
+        with backward_safe(unet, "norm inputs"):
+            pred = unet(zt, timesteps=t.float(), context=context.expand(batch, -1, -1),
+                        transformer_options={"patches": {"output_block_patch": [patch]}})
+            noise_loss = (weight * (pred - target) ** 2).mean()
+            param_loss = torch.nn.functional.mse_loss(patch.encoded[:, :parametric.CHANNELS], parametric.param_map(shown).to(device))
+            feature_loss = torch.nn.functional.mse_loss(feature["F"][:, :3], parametric.offset_field(goals).to(device))
+            loss = noise_loss + param_weight * param_loss + feature_weight * feature_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        step_with_ema(unet, opt, ema, decay)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"parametric step {step + 1}/{steps}: noise {noise_loss.item():.4f}, bottleneck map {param_loss.item():.4f}, "
+                f"offset field {feature_loss.item():.4f}", start)
+    hook.remove()
     return ema
 
 
@@ -647,6 +710,11 @@ def main(argv=None):
     parser.add_argument("--chain-dragged", type=float, default=0.0,
                         help="share of train_propagation's refills that substitute the bottleneck the pack's Bottleneck Optimize finds")
     parser.add_argument("--shaded", action="store_true", help="train on shaded objects (scenes.random_scene(shaded=True))")
+    parser.add_argument("--kinds", help="the object kinds of the scenes, comma-separated, of: %s (default: all, or an "
+                                         "--init's own)" % ", ".join(KINDS))
+    parser.add_argument("--parametric", action="store_true",
+                        help="train the U-Net steps with a parametric bottleneck and an offset field in the supervision "
+                             "feature (train_parametric, toy/parametric.py), on whole latents")
     parser.add_argument("--heads", type=int, default=8,
                         help="attention heads per transformer (SD1.5's 8; 1 trains about twice as fast on a CPU); an --init keeps its own")
     parser.add_argument("--image-size", type=int,
@@ -658,6 +726,9 @@ def main(argv=None):
                         help="where to train (default: the GPU when there is one)")
     parser.add_argument("--quick", action="store_true", help="at most a few steps of each phase (smoke test)")
     args = parser.parse_args(argv)
+    args.kinds = tuple(args.kinds.split(",")) if args.kinds else toy_model.scene_kinds(args.init) if args.init else KINDS
+    if not set(args.kinds) <= set(KINDS):
+        parser.error(f"--kinds must be some of {', '.join(KINDS)}, not {','.join(args.kinds)}")
     if args.quick:  # caps each phase, so a phase asked to be skipped stays skipped
         args.vae_steps, args.unet_steps, args.full_steps = min(args.vae_steps, 3), min(args.unet_steps, 4), min(args.full_steps, 2)
         args.batch = 4
@@ -686,6 +757,7 @@ def main(argv=None):
         ae.load_state_dict(vae_sd)
         settings = toy_model.metadata(args.init)
         args.pointwise_top = args.pointwise_top or settings.get("pointwise_top") == "True"
+        args.parametric = args.parametric or settings.get("parametric") == "True"
         if float(settings.get("bottleneck_rms", 0)):
             rescaling = float(settings["bottleneck_rms"]), float(settings["trained_bottleneck_rms"])
             if args.unet_steps or args.chain_steps:
@@ -698,16 +770,21 @@ def main(argv=None):
                 kept_rescaling = rescaling
     # Off the CPU the scenes are rendered on the device too: the numpy renderer would bound a GPU run.
     render_on = None if device.type == "cpu" else device
-    train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded, render_on), args.vae_steps, 16, 1e-3, start, device)
+    train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded, render_on, args.kinds), args.vae_steps, 16, 1e-3, start, device)
 
     unet = base.diffusion_model.to(device).train()
     hold_skips_at_zero(unet, range(args.skipless_blocks))
     if args.pointwise_top:
         hold_top_pointwise(unet)
-    ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded, render_on), args.unet_steps, args.unet_steps - args.full_steps,
-                     args.batch, args.full_batch or max(1, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
-                     args.moved_pairs, args.moved_min_t, args.moved_lag, args.moved_interpolate, args.bottleneck_noise,
-                     args.self_lag)
+    if args.parametric:
+        parametric.hold_bottleneck_reads(unet, _hold)
+        ema = train_parametric(unet, SceneSource(args.seed + 2, args.shaded, None, args.kinds), args.unet_steps,
+                               args.full_batch or max(4, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe)
+    else:
+        ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded, render_on, args.kinds), args.unet_steps,
+                         args.unet_steps - args.full_steps, args.batch, args.full_batch or max(1, args.batch // 4), args.unet_lr,
+                         start, dragnoise.features.backward_safe, args.moved_pairs, args.moved_min_t, args.moved_lag,
+                         args.moved_interpolate, args.bottleneck_noise, args.self_lag)
     unet.load_state_dict(ema)
     if args.chain_steps:
         unet.load_state_dict(train_propagation(dragnoise, unet, SceneSource(args.seed + 4, args.shaded), args.chain_steps,
@@ -727,7 +804,7 @@ def main(argv=None):
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "image_size": args.image_size, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks,
-        "pointwise_top": args.pointwise_top, "moved_pairs": args.moved_pairs,
+        "pointwise_top": args.pointwise_top, "parametric": args.parametric, "kinds": ",".join(args.kinds), "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag, "self_lag": args.self_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
         "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "attention_heads": args.heads, "align_steps": args.align_steps,
