@@ -10,8 +10,8 @@ directly, as extra training targets (``train.py --parametric``):
   ``CHANNELS`` channels, each object in one cell: presence, its centre's offset from the cell's
   centre, its radius and its colour, and every cell's background colour (``param_map``); the
   decoder reads nothing else of it (``hold_bottleneck_reads``). Trained also on objects held by a
-  cell other than their own (``jitter``), the decoder draws an object wherever the offset says,
-  so a drag moves it by changing two numbers;
+  cell other than their own (``param_map`` given a generator), the decoder draws an object
+  wherever the offset says, so a drag moves it by changing two numbers;
 - the **supervision feature** (output block 8, [B, 64, h, w] at the latent's size) gives, in its
   first 3 channels, each pixel's coverage by an object and its offset from that object's centre
   in radii (``offset_field``): the motion loss and the point tracking then see which part of the
