@@ -48,8 +48,8 @@ class Case:
 def make_cases(n, seed=0, size=256, shaded=False, kinds=KINDS):
     """``n`` cases; every other one has a mask: the object's footprint swept along the drag,
     widened by 12 px. ``shaded``, ``kinds``: shaded objects, the kinds of object (for a model
-    trained on those). Drag lengths (24-64
-    px), margins and that widening are for 256 px scenes and scale with ``size``."""
+    trained on those). Drag lengths (24-64 px), margins and that widening are for 256 px scenes
+    and scale with ``size``."""
     rng = np.random.default_rng(seed)
     k = size / 256
     cases = []

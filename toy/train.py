@@ -368,7 +368,9 @@ def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param
         shown = [parametric.displaced(s, rng) for s in goals[:moved]] + goals[moved:]  # what its z_t shows
         told = parametric.soften(parametric.param_map(goals[:taught], rng, anchors=shown[:taught]), rng).to(device)
         goal = toy_model.scene_latent(np.stack([s.render() for s in goals])).to(device)
-        z0 = toy_model.scene_latent(np.stack([s.render() for s in shown])).to(device) if moved else goal
+        z0 = goal.clone()  # the samples past ``moved`` show their own goal: rendered once
+        if moved:
+            z0[:moved] = toy_model.scene_latent(np.stack([s.render() for s in shown[:moved]])).to(device)
         t = torch.randint(0, 1000, (batch,), device=device)
         t[:moved] = torch.randint(150, 1000, (moved,), device=device)
         eps = torch.randn_like(z0)
