@@ -13,7 +13,7 @@ from conftest import REPO, pack_module
 sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
 from toy import model as toy_model  # noqa: E402
 from toy import parametric, scenes  # noqa: E402
-from test_toy import clean_env, run_quick  # noqa: E402
+from test_toy import clean_env, import_train, run_quick  # noqa: E402
 
 
 def disc_scene(seed):
@@ -81,19 +81,38 @@ def test_soften_blurs_presence_only_within_its_two_bands():
     assert torch.equal(soft[:, 7:], values[:, 7:])
 
 
+def test_render_above_shows_taught_samples_another_scene_from_its_timestep_up(comfy):
+    train = import_train()
+    source = train.SceneSource(3, kinds=("disc",))
+    goals = source.scenes(8)
+    t = torch.tensor([500, 500, 500, 500, 99, 500, 500, 500])
+    shown = train.shown_scenes(goals, t, moved=3, taught=6, source=source, render_above=100)
+    for g, s in zip(goals[:3], shown[:3]):  # one object displaced, the rest where they were
+        same = [np.allclose(a.center, b.center) for a, b in zip(g.objects, s.objects)]
+        assert len(s.objects) == len(g.objects) and same.count(False) == 1
+    assert shown[3] is not goals[3] and shown[5] is not goals[5]  # taught, t >= 100: another scene
+    assert shown[3].render().tolist() != goals[3].render().tolist()
+    assert shown[4] is goals[4] and shown[6:] == goals[6:]  # below 100, or decoding their own bottleneck
+    plain = train.shown_scenes(goals, t, moved=3, taught=6, source=source)
+    assert plain[3:] == goals[3:]
+
+
 def test_parametric_training_writes_a_model_whose_decoder_reads_only_the_map(tmp_path, comfy):
     out = tmp_path / "parametric.safetensors"
     run = run_quick("toy/train.py", out, 600, "--parametric", "--kinds", "disc", "--heads", "1", "--skipless-blocks", "11",
-                    "--pointwise-top")
+                    "--pointwise-top", "--render-above", "100", "--quiet-share", "0.5", "--widths", "64,64,64,64")
     assert "parametric step 4/4" in run.stdout and "bottleneck map" in run.stdout, run.stdout[-2000:]
     meta = toy_model.metadata(str(out))
     assert meta["parametric"] == "True" and meta["kinds"] == "disc" and toy_model.scene_kinds(str(out)) == ("disc",)
+    assert meta["render_above"] == "100" and meta["quiet_share"] == "0.5" and toy_model.widths(str(out)) == (64,) * 4
     import safetensors.torch
 
     safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
     assert toy_model.scene_kinds(str(tmp_path / "bare.safetensors")) == scenes.KINDS  # not recorded: every kind
     model, _, _ = toy_model.load(str(out))
     unet = model.model.diffusion_model
+    # 64 channels at the top: its GroupNorms normalize pairs of channels.
+    assert unet.out[0].num_channels == 64 and unet.out[0].num_groups == 32 and unet.middle_block[-1].out_layers[-1].out_channels == 64
     zt = torch.randn(1, 4, 32, 32)
     seen = {}
 
@@ -108,10 +127,25 @@ def test_parametric_training_writes_a_model_whose_decoder_reads_only_the_map(tmp
         (grad,) = torch.autograd.grad(eps.square().sum(), seen["h"])
     per_channel = grad[0].abs().sum(dim=(1, 2))
     assert per_channel[:parametric.CHANNELS].sum() > 0 and per_channel[parametric.CHANNELS:].sum() == 0
+    # probe.map_pull: another scene's map moves x0 only through those reads.
+    from toy import probe
+
+    with torch.inference_mode():
+        pull = probe.map_pull(unet, cases=2)
+        assert pull["pull"] != 0 and pull["x0_error"] > 0 and pull["mean_error"] > 0, pull
+        res = unet.output_blocks[0][0]
+        for conv in (res.in_layers[2], res.skip_connection):
+            conv.weight[:, :parametric.CHANNELS] = 0
+        blind = probe.map_pull(unet, cases=2)
+    assert abs(blind["pull"]) < 1e-5 and blind["mean_error"] == pull["mean_error"], blind
     more = tmp_path / "more.safetensors"  # continuing it keeps its training and its world
     run = run_quick("toy/train.py", more, 600, "--init", str(out), "--vae-steps", "0", "--skipless-blocks", "11")
     assert "parametric step 4/4" in run.stdout, run.stdout[-2000:]
     assert toy_model.metadata(str(more))["parametric"] == "True" and toy_model.scene_kinds(str(more)) == ("disc",)
+    assert toy_model.widths(str(more)) == (64,) * 4
     bad = subprocess.run([sys.executable, str(REPO / "toy/train.py"), "--quick", "--kinds", "disc,cube", "--out",
                           str(tmp_path / "no.safetensors")], env=clean_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--kinds must be some of" in bad.stderr
+    bad = subprocess.run([sys.executable, str(REPO / "toy/train.py"), "--quick", "--widths", "48,64,96,96", "--out",
+                          str(tmp_path / "no.safetensors")], env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--widths must be 4 multiples of the first" in bad.stderr

@@ -18,7 +18,7 @@ import torch
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy-sd15.safetensors")
 IMAGE_SIZE = 256
-MODEL_CHANNELS = 32
+WIDTHS = (32, 64, 96, 96)  # U-Net channels per level (SD1.5: 320, 640, 1280, 1280)
 CONTEXT_DIM = 64
 CONTEXT_TOKENS = 77
 SCALE_FACTOR = 0.18215  # SD1.5's latent scale: model units = raw VAE units x this
@@ -29,15 +29,20 @@ _COLOUR_GAIN = np.array([4.5, 7.0, 7.0], np.float32)
 _CONTRAST_GAIN = 10.0
 
 
-def unet_config():
+def unet_config(widths=WIDTHS):
     """The SD1.5 U-Net configuration ComfyUI detects for real checkpoints with fewer channels:
-    32 / 64 / 96 / 96 per level instead of 320 / 640 / 1280 / 1280, and a 64-wide prompt
-    embedding instead of 768."""
+    ``widths`` channels per level (default 32 / 64 / 96 / 96) instead of 320 / 640 / 1280 / 1280,
+    and a 64-wide prompt embedding instead of 768. At a top level of 32 channels every GroupNorm
+    there (32 groups, as in every SD1.5) normalizes each channel alone; 64 / 64 / 64 / 64 pairs
+    them, which leaves the output a way to know a channel's absolute level (toy/FINDINGS.md, "A
+    decoder that draws nothing of the map")."""
+    if any(w % widths[0] for w in widths):
+        raise ValueError(f"each level's width must be a multiple of the top level's, not {widths}")
     return {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
         "legacy": False, "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4,
-        "model_channels": MODEL_CHANNELS, "num_res_blocks": [2, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 3, 3],
+        "model_channels": widths[0], "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [w // widths[0] for w in widths],
         "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM,
         "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_temporal_attention": False, "use_temporal_resblock": False,
@@ -63,7 +68,7 @@ def scene_latent(images):
     return torch.cat([colour, contrast], dim=1)
 
 
-def build_unet(seed=0, heads=8):
+def build_unet(seed=0, heads=8, widths=WIDTHS):
     """A ComfyUI ``BaseModel`` (eps, SD15 latent format) with the toy U-Net, seeded init.
 
     ``heads``: attention heads per transformer. SD1.5's 8 heads leave 4 channels per head at the
@@ -72,7 +77,7 @@ def build_unet(seed=0, heads=8):
     import comfy.model_base
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(unet_config())
+    config = comfy.supported_models.SD15(unet_config(widths))
     config.unet_config["num_heads"] = heads  # after SD15's own, which sets 8
     base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS)
     _init(base.diffusion_model, seed)
@@ -219,6 +224,13 @@ def attention_heads(path=WEIGHTS):
     return int(metadata(path).get("attention_heads", 8))
 
 
+def widths(path=WEIGHTS):
+    """The U-Net's channels per level a weights file was trained with (``train.py --widths``;
+    ``WIDTHS`` if not recorded)."""
+    recorded = metadata(path).get("widths")
+    return tuple(int(w) for w in recorded.split(",")) if recorded else WIDTHS
+
+
 def load(path=WEIGHTS):
     """(MODEL, VAE, CONDITIONING) as ComfyUI's loaders and CLIP Text Encode would return them."""
     import comfy.model_management
@@ -226,7 +238,7 @@ def load(path=WEIGHTS):
     import comfy.sd
 
     unet_sd, vae_sd = read(path)
-    base = build_unet(heads=attention_heads(path))
+    base = build_unet(heads=attention_heads(path), widths=widths(path))
     base.diffusion_model.load_state_dict(unet_sd)
     base.eval()
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),

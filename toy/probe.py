@@ -94,6 +94,38 @@ def _predict_noise(unet, zt, timestep, patch):
 
 
 @torch.no_grad()
+def map_pull(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, kinds=("disc",)):
+    """How far a ``--parametric`` model draws the map it is handed, against the truth, at one step.
+
+    Scenes A and B (unrelated, of ``kinds``); A noised to ``timestep``. The U-Net runs on that z_t
+    once with A's true ``param_map`` and once with B's; ``pull`` is how far its x0 prediction moves
+    toward B, projected on B - A: 1 when the decoder draws the map alone, 0 when it ignores it.
+    ``x0_error`` (RMS, model units) is its x0 from A's map against A, next to ``mean_error``, that
+    of predicting each latent channel's mean: a decoder no better than that draws no layout.
+    """
+    from toy import parametric
+
+    rng = np.random.default_rng(seed)
+    a_scenes = [random_scene(rng, kinds=kinds) for _ in range(cases)]
+    b_scenes = [random_scene(rng, kinds=kinds) for _ in range(cases)]
+    a, b = (toy_model.scene_latent(np.stack([s.render() for s in group])) for group in (a_scenes, b_scenes))
+    device = next(unet.parameters()).device
+    a, b = a.to(device), b.to(device)
+    alpha_bar = alphas_cumprod()[timestep].to(device)
+    zt = noised(a, torch.randn(a.shape, generator=torch.Generator().manual_seed(seed)).to(device), alpha_bar)
+
+    def x0(scenes):
+        eps = _predict_noise(unet, zt, timestep, parametric.ParamBottleneck(parametric.param_map(scenes).to(device)))
+        return (zt - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+    x0_a, x0_b = x0(a_scenes), x0(b_scenes)
+    direction = b - a
+    pull = float(((x0_b - x0_a) * direction).sum() / direction.square().sum())
+    rms = lambda v: float(v.square().mean().sqrt())  # noqa: E731
+    return {"pull": pull, "x0_error": rms(x0_a - a), "mean_error": rms(a - a.mean(dim=(2, 3), keepdim=True))}
+
+
+@torch.no_grad()
 def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False):
     """Mean share (see the module docstring) over ``cases`` moved pairs of whole scenes.
 
@@ -335,6 +367,11 @@ def main(argv=None):
         share = bottleneck_share(model.model.diffusion_model, shaded=args.shaded)
         rms = bottleneck_rms(model.model.diffusion_model, shaded=args.shaded)
     print(f"bottleneck share of the layout at t={EDIT_TIMESTEP}: {share:.3f}; bottleneck RMS {rms:.2f}")
+    if toy_model.metadata(args.weights).get("parametric") == "True":
+        for t in (900, EDIT_TIMESTEP, 400, 200):
+            pull = map_pull(model.model.diffusion_model, timestep=t, kinds=toy_model.scene_kinds(args.weights))
+            print(f"t={t}: another scene's true map pulls x0 {pull['pull']:.2f} of the way to that scene; x0 error "
+                  f"with its own map {pull['x0_error']:.2f} (predicting the mean: {pull['mean_error']:.2f})")
     scores = truth_substitution(dragnoise, model, vae, positive, args.cases, shaded=args.shaded,
                                 forward_noised=args.forward_noised)
     print("truly moved scene's bottleneck propagated: the object moved " + _scores(scores))

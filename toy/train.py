@@ -341,7 +341,20 @@ def train_unet(unet, source, steps, full_from, batch, full_batch, lr, start, bac
     return ema
 
 
-def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param_weight=1.0, feature_weight=1.0):
+def shown_scenes(goals, t, moved, taught, source, render_above=None):
+    """The scenes the z_t of ``train_parametric``'s samples show, given what each is to predict
+    (``goals``) and its timestep ``t`` [B]: the first ``moved`` with one object displaced; then, up
+    to ``taught``, where ``t >= render_above``, a fresh scene of ``source``; the rest their goal."""
+    shown = [parametric.displaced(s, source.rng) for s in goals[:moved]] + list(goals[moved:])
+    if render_above is not None:
+        unrelated = [i for i in range(moved, taught) if t[i] >= render_above]
+        for i, other in zip(unrelated, source.scenes(len(unrelated))):
+            shown[i] = other
+    return shown
+
+
+def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param_weight=1.0, feature_weight=1.0,
+                     render_above=None, quiet_share=0.0):
     """Whole-latent eps-prediction with a parametric bottleneck (``toy.parametric``); returns the
     EMA weights. Every sample's bottleneck learns the ``param_map`` of the scene its z_t shows,
     and its supervision feature the ``offset_field`` of the scene it is asked to predict. Three
@@ -349,7 +362,14 @@ def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param
     objects held by random nearby cells: the decoder draws an object wherever its offset puts
     it), half of those with z_t of the scene with one object elsewhere (``displaced``, t >= 150):
     the decoder learns to draw what the bottleneck says, not what z_t still shows, as a drag's
-    propagation asks. The noise is weighed as an x0 error (capped at 10, as moved pairs are)."""
+    propagation asks. The noise is weighed as an x0 error (capped at 10, as moved pairs are).
+
+    With ``render_above`` = T, the taught samples that are not displaced see, from timestep T up,
+    z_t of another scene: there the decoder learns to draw the map alone, whatever z_t shows, so a
+    substituted bottleneck is drawn as it is and the old object in z_t leaves no ghost (the
+    propagation's own steps below the halt step redraw from the encoder's map down to T). With
+    ``quiet_share``, that share of samples has its noise scaled by U(0, 1): a DDIM-inverted latent
+    holds far less noise than a forward-noised one, and the encoder must read those too."""
     device = next(unet.parameters()).device
     ab = alphas_cumprod().to(device)
     context = toy_model.default_conditioning().to(device)
@@ -365,15 +385,20 @@ def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(200, steps // 10 + 1))
         goals = source.scenes(batch)  # what each sample is to predict
-        shown = [parametric.displaced(s, rng) for s in goals[:moved]] + goals[moved:]  # what its z_t shows
-        told = parametric.soften(parametric.param_map(goals[:taught], rng, anchors=shown[:taught]), rng).to(device)
-        goal = toy_model.scene_latent(np.stack([s.render() for s in goals])).to(device)
-        z0 = goal.clone()  # the samples past ``moved`` show their own goal: rendered once
-        if moved:
-            z0[:moved] = toy_model.scene_latent(np.stack([s.render() for s in shown[:moved]])).to(device)
         t = torch.randint(0, 1000, (batch,), device=device)
         t[:moved] = torch.randint(150, 1000, (moved,), device=device)
+        shown = shown_scenes(goals, t, moved, taught, source, render_above)  # what each z_t shows
+        anchors = shown[:moved] + goals[moved:taught]  # a displaced object stays held by the cell z_t shows it in
+        told = parametric.soften(parametric.param_map(goals[:taught], rng, anchors=anchors), rng).to(device)
+        goal = toy_model.scene_latent(np.stack([s.render() for s in goals])).to(device)
+        z0 = goal.clone()  # the samples that show their own goal: rendered once
+        other = [i for i in range(batch) if shown[i] is not goals[i]]
+        if other:
+            z0[other] = toy_model.scene_latent(np.stack([shown[i].render() for i in other])).to(device)
         eps = torch.randn_like(z0)
+        if quiet_share:
+            quiet = torch.rand(batch, 1, 1, 1, device=device) < quiet_share
+            eps = torch.where(quiet, eps * torch.rand(batch, 1, 1, 1, device=device), eps)
         a = ab[t][:, None, None, None]
         zt = noised(z0, eps, a)
         target, weight = moved_target(zt, goal, a)  # = eps where z0 is the goal
@@ -717,6 +742,14 @@ def main(argv=None):
     parser.add_argument("--parametric", action="store_true",
                         help="train the U-Net steps with a parametric bottleneck and an offset field in the supervision "
                              "feature (train_parametric, toy/parametric.py), on whole latents")
+    parser.add_argument("--render-above", type=int,
+                        help="with --parametric: from this timestep up, taught samples see z_t of another scene, so the "
+                             "decoder draws the bottleneck's map alone (default: off)")
+    parser.add_argument("--quiet-share", type=float, default=0.0,
+                        help="with --parametric: share of samples whose noise is scaled by U(0, 1), as in inverted latents")
+    parser.add_argument("--widths", type=lambda v: tuple(int(w) for w in v.split(",")), default=toy_model.WIDTHS,
+                        help="the U-Net's channels per level, 4 comma-separated multiples of the first, a multiple of "
+                             "32 (default %s; an --init keeps its own)" % ",".join(map(str, toy_model.WIDTHS)))
     parser.add_argument("--heads", type=int, default=8,
                         help="attention heads per transformer (SD1.5's 8; 1 trains about twice as fast on a CPU); an --init keeps its own")
     parser.add_argument("--image-size", type=int,
@@ -729,6 +762,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="at most a few steps of each phase (smoke test)")
     args = parser.parse_args(argv)
     args.kinds = tuple(args.kinds.split(",")) if args.kinds else toy_model.scene_kinds(args.init) if args.init else KINDS
+    if len(args.widths) != 4 or args.widths[0] % 32 or any(w % args.widths[0] for w in args.widths):
+        parser.error(f"--widths must be 4 multiples of the first, which a multiple of 32, not {args.widths}")
     if not set(args.kinds) <= set(KINDS):
         parser.error(f"--kinds must be some of {', '.join(KINDS)}, not {','.join(args.kinds)}")
     if args.quick:  # caps each phase, so a phase asked to be skipped stays skipped
@@ -750,8 +785,8 @@ def main(argv=None):
 
     ae = toy_model.build_autoencoder(args.seed)
     if args.init:
-        args.heads = toy_model.attention_heads(args.init)
-    base = toy_model.build_unet(args.seed, args.heads)
+        args.heads, args.widths = toy_model.attention_heads(args.init), toy_model.widths(args.init)
+    base = toy_model.build_unet(args.seed, args.heads, args.widths)
     kept_rescaling = None  # (bottleneck_rms, trained_bottleneck_rms) of an --init whose rescaling is kept
     if args.init:
         unet_sd, vae_sd = toy_model.read(args.init)
@@ -781,7 +816,8 @@ def main(argv=None):
     if args.parametric:
         parametric.hold_bottleneck_reads(unet, _hold)
         ema = train_parametric(unet, SceneSource(args.seed + 2, args.shaded, None, args.kinds), args.unet_steps,
-                               args.full_batch or max(4, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe)
+                               args.full_batch or max(4, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
+                               render_above=args.render_above, quiet_share=args.quiet_share)
     else:
         ema = train_unet(unet, SceneSource(args.seed + 2, args.shaded, render_on, args.kinds), args.unet_steps,
                          args.unet_steps - args.full_steps, args.batch, args.full_batch or max(1, args.batch // 4), args.unet_lr,
@@ -806,10 +842,10 @@ def main(argv=None):
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "image_size": args.image_size, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks,
-        "pointwise_top": args.pointwise_top, "parametric": args.parametric, "kinds": ",".join(args.kinds), "moved_pairs": args.moved_pairs,
+        "pointwise_top": args.pointwise_top, "parametric": args.parametric, "render_above": args.render_above, "quiet_share": args.quiet_share, "kinds": ",".join(args.kinds), "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag, "self_lag": args.self_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
-        "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "attention_heads": args.heads, "align_steps": args.align_steps,
+        "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "attention_heads": args.heads, "widths": ",".join(map(str, args.widths)), "align_steps": args.align_steps,
         "align_pairs": args.align_pairs, "align_plain": args.align_plain, "align_lr": args.align_lr,
         "align_weight": args.align_weight, "align_path_steps": args.align_path_steps,
         "chain_steps": args.chain_steps, "chain_pairs": args.chain_pairs, "chain_states": args.chain_states, "chain_plain": args.chain_plain,
