@@ -133,11 +133,15 @@ def test_parametric_training_writes_a_model_whose_decoder_reads_only_the_map(tmp
     with torch.inference_mode():
         pull = probe.map_pull(unet, cases=2)
         assert pull["pull"] != 0 and pull["x0_error"] > 0 and pull["mean_error"] > 0, pull
+        drawn = probe.offset_follow(unet, shifts=(-24, 24))
+        assert all(0 < x < 256 for x in drawn) and drawn[0] != drawn[1], drawn
         res = unet.output_blocks[0][0]
         for conv in (res.in_layers[2], res.skip_connection):
             conv.weight[:, :parametric.CHANNELS] = 0
         blind = probe.map_pull(unet, cases=2)
+        blind_drawn = probe.offset_follow(unet, shifts=(-24, 24))
     assert abs(blind["pull"]) < 1e-5 and blind["mean_error"] == pull["mean_error"], blind
+    assert abs(blind_drawn[0] - blind_drawn[1]) < 1e-3, blind_drawn  # the offset no longer reaches x0
     more = tmp_path / "more.safetensors"  # continuing it keeps its training and its world
     run = run_quick("toy/train.py", more, 600, "--init", str(out), "--vae-steps", "0", "--skipless-blocks", "11")
     assert "parametric step 4/4" in run.stdout, run.stdout[-2000:]

@@ -126,6 +126,37 @@ def map_pull(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, kinds=("disc",)):
 
 
 @torch.no_grad()
+def offset_follow(unet, shifts=(-24, -12, 0, 12, 24), timestep=EDIT_TIMESTEP, seed=3):
+    """Where a ``--parametric`` model draws a disc its map holds in one cell at different offsets.
+
+    One disc at the centre of cell (1, 1) of a 256 px scene, moved by each of ``shifts`` (px,
+    along x) but held by that cell, as a drag holds it; the U-Net runs on the forward-noised empty
+    background with that map. Returns, per shift, the x of the centroid of x0's colour change
+    from the background (pixels over half its maximum): a decoder that places objects by their
+    offset draws them at 96 + shift.
+    """
+    from toy import parametric
+
+    scene = random_scene(np.random.default_rng(seed), n_objects=1, kinds=("disc",))
+    obj = scene.objects[0]
+    scene = type(scene)(scene.size, scene.background, [obj.moved(96 - obj.center[0], 96 - obj.center[1])])
+    empty = toy_model.scene_latent(type(scene)(scene.size, scene.background, []).render()[None])
+    device = next(unet.parameters()).device
+    empty = empty.to(device)
+    alpha_bar = alphas_cumprod()[timestep].to(device)
+    zt = noised(empty, torch.randn(empty.shape, generator=torch.Generator().manual_seed(seed)).to(device), alpha_bar)
+    xs = torch.arange(empty.shape[-1], device=device).float() * 8 + 4
+    drawn = []
+    for shift in shifts:
+        values = parametric.param_map([scene.with_object_moved(0, shift, 0)], anchors=[scene]).to(device)
+        eps = _predict_noise(unet, zt, timestep, parametric.ParamBottleneck(values))
+        change = ((zt - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt() - empty)[0, :3].square().sum(0).sqrt()
+        change = change * (change > 0.5 * change.max())
+        drawn.append(float((change.sum(0) * xs).sum() / change.sum()))
+    return drawn
+
+
+@torch.no_grad()
 def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False):
     """Mean share (see the module docstring) over ``cases`` moved pairs of whole scenes.
 
@@ -372,6 +403,9 @@ def main(argv=None):
             pull = map_pull(model.model.diffusion_model, timestep=t, kinds=toy_model.scene_kinds(args.weights))
             print(f"t={t}: another scene's true map pulls x0 {pull['pull']:.2f} of the way to that scene; x0 error "
                   f"with its own map {pull['x0_error']:.2f} (predicting the mean: {pull['mean_error']:.2f})")
+        drawn = offset_follow(model.model.diffusion_model)
+        print("a disc held by one cell at offsets -24, -12, 0, 12, 24 px is drawn at x = "
+              + ", ".join(f"{x:.0f}" for x in drawn) + " (should be 72, 84, 96, 108, 120)")
     scores = truth_substitution(dragnoise, model, vae, positive, args.cases, shaded=args.shaded,
                                 forward_noised=args.forward_noised)
     print("truly moved scene's bottleneck propagated: the object moved " + _scores(scores))
