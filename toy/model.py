@@ -34,8 +34,8 @@ def unet_config(widths=WIDTHS):
     ``widths`` channels per level (default 32 / 64 / 96 / 96) instead of 320 / 640 / 1280 / 1280,
     and a 64-wide prompt embedding instead of 768. At a top level of 32 channels every GroupNorm
     there (32 groups, as in every SD1.5) normalizes each channel alone; 64 / 64 / 64 / 64 pairs
-    them, which leaves the output a way to know a channel's absolute level (toy/FINDINGS.md, "A
-    decoder that draws nothing of the map")."""
+    them (toy/FINDINGS.md, "A decoder that draws nothing of the map": a parametric decoder then
+    reads its map more, its drags are no better)."""
     if any(w % widths[0] for w in widths):
         raise ValueError(f"each level's width must be a multiple of the top level's, not {widths}")
     return {

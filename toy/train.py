@@ -763,7 +763,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.kinds = tuple(args.kinds.split(",")) if args.kinds else toy_model.scene_kinds(args.init) if args.init else KINDS
     if len(args.widths) != 4 or args.widths[0] % 32 or any(w % args.widths[0] for w in args.widths):
-        parser.error(f"--widths must be 4 multiples of the first, which a multiple of 32, not {args.widths}")
+        parser.error(f"--widths must be 4 multiples of the first, and the first a multiple of 32, not {args.widths}")
     if not set(args.kinds) <= set(KINDS):
         parser.error(f"--kinds must be some of {', '.join(KINDS)}, not {','.join(args.kinds)}")
     if args.quick:  # caps each phase, so a phase asked to be skipped stays skipped
