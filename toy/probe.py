@@ -93,6 +93,11 @@ def _predict_noise(unet, zt, timestep, patch):
                 transformer_options={"patches": {"output_block_patch": [patch]}})
 
 
+def _predict_x0(unet, zt, timestep, patch, alpha_bar):
+    """[B, 4, h, w] the x0 estimate of ``_predict_noise``'s prediction (``alpha_bar`` at ``timestep``)."""
+    return (zt - (1 - alpha_bar).sqrt() * _predict_noise(unet, zt, timestep, patch)) / alpha_bar.sqrt()
+
+
 @torch.no_grad()
 def map_pull(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, kinds=("disc",)):
     """How far a ``--parametric`` model draws the map it is handed, against the truth, at one step.
@@ -114,11 +119,8 @@ def map_pull(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, kinds=("disc",)):
     alpha_bar = alphas_cumprod()[timestep].to(device)
     zt = noised(a, torch.randn(a.shape, generator=torch.Generator().manual_seed(seed)).to(device), alpha_bar)
 
-    def x0(scenes):
-        eps = _predict_noise(unet, zt, timestep, parametric.ParamBottleneck(parametric.param_map(scenes).to(device)))
-        return (zt - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-
-    x0_a, x0_b = x0(a_scenes), x0(b_scenes)
+    x0_a, x0_b = (_predict_x0(unet, zt, timestep, parametric.ParamBottleneck(parametric.param_map(scenes).to(device)),
+                              alpha_bar) for scenes in (a_scenes, b_scenes))
     direction = b - a
     pull = float(((x0_b - x0_a) * direction).sum() / direction.square().sum())
     rms = lambda v: float(v.square().mean().sqrt())  # noqa: E731
@@ -149,8 +151,8 @@ def offset_follow(unet, shifts=(-24, -12, 0, 12, 24), timestep=EDIT_TIMESTEP, se
     drawn = []
     for shift in shifts:
         values = parametric.param_map([scene.with_object_moved(0, shift, 0)], anchors=[scene]).to(device)
-        eps = _predict_noise(unet, zt, timestep, parametric.ParamBottleneck(values))
-        change = ((zt - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt() - empty)[0, :3].square().sum(0).sqrt()
+        x0 = _predict_x0(unet, zt, timestep, parametric.ParamBottleneck(values), alpha_bar)
+        change = (x0 - empty)[0, :3].square().sum(0).sqrt()
         change = change * (change > 0.5 * change.max())
         drawn.append(float((change.sum(0) * xs).sum() / change.sum()))
     return drawn
@@ -174,8 +176,7 @@ def bottleneck_share(unet, cases=8, timestep=EDIT_TIMESTEP, seed=0, shaded=False
 
     def x0_prediction(z0, swap):
         zt = noised(z0, eps.repeat(len(z0) // cases, 1, 1, 1), ab)
-        pred = _predict_noise(unet, zt, timestep, SwapBottleneck(swap))
-        return (zt - (1 - ab).sqrt() * pred) / ab.sqrt()
+        return _predict_x0(unet, zt, timestep, SwapBottleneck(swap), ab)
 
     x0_a = x0_prediction(a_scenes, 0)
     # B's samples are unaffected by the swap, so one pass gives both A-with-B's-bottleneck and B.
