@@ -100,10 +100,14 @@ def test_render_above_shows_taught_samples_another_scene_from_its_timestep_up(co
 def test_parametric_training_writes_a_model_whose_decoder_reads_only_the_map(tmp_path, comfy):
     out = tmp_path / "parametric.safetensors"
     run = run_quick("toy/train.py", out, 600, "--parametric", "--kinds", "disc", "--heads", "1", "--skipless-blocks", "11",
-                    "--pointwise-top", "--render-above", "100", "--quiet-share", "0.5", "--widths", "64,64,64,64")
+                    "--pointwise-top", "--render-above", "100", "--quiet-share", "0.5", "--widths", "64,64,64,64",
+                    "--map-steps", "50", "--map-min-t", "400")
     assert "parametric step 4/4" in run.stdout and "bottleneck map" in run.stdout, run.stdout[-2000:]
+    # the decoder's map-alone phase ran first (--quick caps it at 2 steps)
+    assert run.stdout.index("map decoder step 2/2") < run.stdout.index("parametric step 1/4"), run.stdout[-2000:]
     meta = toy_model.metadata(str(out))
     assert meta["parametric"] == "True" and meta["kinds"] == "disc" and toy_model.scene_kinds(str(out)) == ("disc",)
+    assert meta["map_steps"] == "2" and meta["map_min_t"] == "400"
     assert meta["render_above"] == "100" and meta["quiet_share"] == "0.5" and toy_model.widths(str(out)) == (64,) * 4
     import safetensors.torch
 
@@ -133,6 +137,7 @@ def test_parametric_training_writes_a_model_whose_decoder_reads_only_the_map(tmp
     with torch.inference_mode():
         pull = probe.map_pull(unet, cases=2)
         assert pull["pull"] != 0 and pull["x0_error"] > 0 and pull["mean_error"] > 0, pull
+        assert 0 < pull["layout_error"] < pull["x0_error"], pull  # the mean colour's error taken out
         drawn = probe.offset_follow(unet, shifts=(-24, 24))
         assert all(0 < x < 256 for x in drawn) and drawn[0] != drawn[1], drawn
         res = unet.output_blocks[0][0]
@@ -153,3 +158,7 @@ def test_parametric_training_writes_a_model_whose_decoder_reads_only_the_map(tmp
     bad = subprocess.run([sys.executable, str(REPO / "toy/train.py"), "--quick", "--widths", "48,64,96,96", "--out",
                           str(tmp_path / "no.safetensors")], env=clean_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--widths must be 4 multiples of the first" in bad.stderr
+    bad = subprocess.run([sys.executable, str(REPO / "toy/train.py"), "--quick", "--map-steps", "5", "--out",
+                          str(tmp_path / "no.safetensors")], env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--map-steps trains the decoder of a parametric bottleneck" in bad.stderr
+    assert "vae step" not in bad.stdout  # refused before any training

@@ -37,6 +37,8 @@ Phases:
    ``train_parametric``: whole latents, the bottleneck taught to hold each object as a few numbers
    and the supervision feature each pixel's offset from its object's centre (toy/parametric.py);
    ``--kinds disc`` keeps the scenes to the one kind of object that map describes.
+   ``--map-steps N`` first trains the decoder N steps to draw x0 from that map alone
+   (``train_map_decoder``).
 
 3. Optionally (``--align-steps``, off for the committed weights), a fine-tune that trains the
    motion loss's gradient itself to head for the moved scene's bottleneck
@@ -420,6 +422,37 @@ def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param
     return ema
 
 
+def train_map_decoder(unet, source, steps, batch, lr, start, backward_safe, min_t=300):
+    """Teach a ``--parametric`` U-Net's decoder to draw x0 from the bottleneck's map alone, before
+    ``train_parametric`` (toy/FINDINGS.md, "What that gate measured, and how fast a decoder learns
+    the layout": this is that gate, where its decoder's layout error fell from 0.51 to 0.19 in
+    3500 steps). Every sample's bottleneck is the true ``param_map`` of the scene it is to
+    predict, and its z_t, at t in [``min_t``, 1000), shows another scene, so only the map can say
+    where anything is; the loss is the x0 error of the noise prediction (squared, capped at 100).
+    Trains ``unet`` in place (no EMA: ``train_parametric`` starts its own from these weights)."""
+    device = next(unet.parameters()).device
+    ab = alphas_cumprod().to(device)
+    context = toy_model.default_conditioning().to(device).expand(batch, -1, -1)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, min(40, steps // 10 + 1))
+        goals, others = source.scenes(batch), source.scenes(batch)
+        goal, other = (toy_model.scene_latent(np.stack([s.render() for s in group])).to(device) for group in (goals, others))
+        t = torch.randint(min_t, 1000, (batch,), device=device)
+        a = ab[t][:, None, None, None]
+        zt = noised(other, torch.randn_like(other), a)
+        patch = parametric.ParamBottleneck(parametric.param_map(goals).to(device))
+        with backward_safe(unet, "norm inputs"):
+            pred = unet(zt, timesteps=t.float(), context=context, transformer_options={"patches": {"output_block_patch": [patch]}})
+            loss = ((zt - (1 - a).sqrt() * pred) / a.sqrt() - goal).square().clamp(max=100).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"map decoder step {step + 1}/{steps}: x0 error {loss.item():.4f}", start)
+
+
 class CopyBottleneck:
     """``output_block_patch``: samples ``dst`` .. ``dst + n`` of the batch continue from the
     bottleneck of samples ``src`` .. ``src + n``."""
@@ -745,6 +778,10 @@ def main(argv=None):
     parser.add_argument("--render-above", type=int,
                         help="with --parametric: from this timestep up, taught samples see z_t of another scene, so the "
                              "decoder draws the bottleneck's map alone (default: off)")
+    parser.add_argument("--map-steps", type=int, default=0,
+                        help="with --parametric: first train the decoder this many steps to draw x0 from the map alone "
+                             "(train_map_decoder; 0: none)")
+    parser.add_argument("--map-min-t", type=int, default=300, help="the lowest timestep of --map-steps")
     parser.add_argument("--quiet-share", type=float, default=0.0,
                         help="with --parametric: share of samples whose noise is scaled by U(0, 1), as in inverted latents")
     parser.add_argument("--widths", type=lambda v: tuple(int(w) for w in v.split(",")), default=toy_model.WIDTHS,
@@ -764,6 +801,8 @@ def main(argv=None):
     args.kinds = tuple(args.kinds.split(",")) if args.kinds else toy_model.scene_kinds(args.init) if args.init else KINDS
     if len(args.widths) != 4 or args.widths[0] % 32 or any(w % args.widths[0] for w in args.widths):
         parser.error(f"--widths must be 4 multiples of the first, and the first a multiple of 32, not {args.widths}")
+    if not 0 <= args.map_min_t < 1000:
+        parser.error(f"--map-min-t must be a timestep in 0..999, not {args.map_min_t}")
     if not set(args.kinds) <= set(KINDS):
         parser.error(f"--kinds must be some of {', '.join(KINDS)}, not {','.join(args.kinds)}")
     if args.quick:  # caps each phase, so a phase asked to be skipped stays skipped
@@ -771,6 +810,7 @@ def main(argv=None):
         args.batch = 4
         args.align_steps, args.align_pairs, args.align_plain = min(args.align_steps, 2), 2, 2
         args.chain_steps, args.chain_pairs, args.chain_states, args.chain_plain = min(args.chain_steps, 2), 1, 2, 2
+        args.map_steps = min(args.map_steps, 2)
     args.image_size = args.image_size or (toy_model.image_size(args.init) if args.init else toy_model.IMAGE_SIZE)
     if args.image_size < 64 or args.image_size % 64:
         parser.error(f"--image-size must be a multiple of 64 (the VAE trains on 64 px crops), not {args.image_size}")
@@ -805,6 +845,8 @@ def main(argv=None):
                 log(f"{args.init}: bottleneck rescaling undone (x{undo:.2f}) to continue training", start)
             else:  # the rescaling stays: record the scale it was trained at, so a later run can still undo it
                 kept_rescaling = rescaling
+    if args.map_steps and not args.parametric:
+        parser.error("--map-steps trains the decoder of a parametric bottleneck: add --parametric (or --init a --parametric model)")
     # Off the CPU the scenes are rendered on the device too: the numpy renderer would bound a GPU run.
     render_on = None if device.type == "cpu" else device
     train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded, render_on, args.kinds), args.vae_steps, 16, 1e-3, start, device)
@@ -815,6 +857,9 @@ def main(argv=None):
         hold_top_pointwise(unet)
     if args.parametric:
         parametric.hold_bottleneck_reads(unet, _hold)
+        train_map_decoder(unet, SceneSource(args.seed + 5, args.shaded, None, args.kinds), args.map_steps,
+                          args.full_batch or max(4, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
+                          args.map_min_t)
         ema = train_parametric(unet, SceneSource(args.seed + 2, args.shaded, None, args.kinds), args.unet_steps,
                                args.full_batch or max(4, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
                                render_above=args.render_above, quiet_share=args.quiet_share)
@@ -842,7 +887,7 @@ def main(argv=None):
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "image_size": args.image_size, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks,
-        "pointwise_top": args.pointwise_top, "parametric": args.parametric, "render_above": args.render_above, "quiet_share": args.quiet_share, "kinds": ",".join(args.kinds), "moved_pairs": args.moved_pairs,
+        "pointwise_top": args.pointwise_top, "parametric": args.parametric, "render_above": args.render_above, "map_steps": args.map_steps, "map_min_t": args.map_min_t, "quiet_share": args.quiet_share, "kinds": ",".join(args.kinds), "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag, "self_lag": args.self_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
         "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "attention_heads": args.heads, "widths": ",".join(map(str, args.widths)), "align_steps": args.align_steps,
