@@ -45,16 +45,17 @@ class Case:
         return self.target[0] - self.handle[0], self.target[1] - self.handle[1]
 
 
-def make_cases(n, seed=0, size=256, shaded=False, kinds=KINDS):
+def make_cases(n, seed=0, size=256, shaded=False, kinds=KINDS, palette=None):
     """``n`` cases; every other one has a mask: the object's footprint swept along the drag,
     widened by 12 px. ``shaded``, ``kinds``: shaded objects, the kinds of object (for a model
-    trained on those). Drag lengths (24-64 px), margins and that widening are for 256 px scenes
+    trained on those), ``palette``: their colours (``toy.fields.PALETTE`` for a ``--fields`` model).
+    Drag lengths (24-64 px), margins and that widening are for 256 px scenes
     and scale with ``size``."""
     rng = np.random.default_rng(seed)
     k = size / 256
     cases = []
     while len(cases) < n:
-        scene = random_scene(rng, size, kinds=kinds, shaded=shaded)
+        scene = random_scene(rng, size, kinds=kinds, shaded=shaded, palette=palette)
         obj = scene.objects[0]
         angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(24, 64) * k
         handle = (obj.center[0] + rng.uniform(-0.3, 0.3) * obj.radius, obj.center[1] + rng.uniform(-0.3, 0.3) * obj.radius)
@@ -168,7 +169,8 @@ def main(argv=None):
 
     weights = args.weights or toy_model.WEIGHTS
     shaded, size = toy_model.trained_on_shaded(weights), toy_model.image_size(weights)
-    for i, case in enumerate(make_cases(args.cases, args.seed, size, shaded, toy_model.scene_kinds(weights))):
+    for i, case in enumerate(make_cases(args.cases, args.seed, size, shaded, toy_model.scene_kinds(weights),
+                                         toy_model.scene_palette(weights))):
         rows.append({"case": i, "masked": case.mask is not None, "drag": case.drag} | runner.run(case))
         r = rows[-1]
         print(f"case {i + 1}/{args.cases} ({'mask' if r['masked'] else 'no mask'}, drag {np.hypot(*case.drag):.0f} px): "

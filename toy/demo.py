@@ -28,7 +28,7 @@ sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow Comf
 from dragnoise.preview import draw_drag  # noqa: E402  (pure PIL/numpy: no ComfyUI needed here)
 from scripts.comfy_local import TOY_NODES, ComfyClient, ComfyServer, user_dir  # noqa: E402
 from toy import measure  # noqa: E402
-from toy.model import scene_kinds, trained_on_shaded  # noqa: E402
+from toy.model import scene_kinds, scene_palette, trained_on_shaded  # noqa: E402
 from toy.scenes import random_scene  # noqa: E402
 
 DEMO_SEED = 7
@@ -37,8 +37,9 @@ DEMO_DRAG = (56.0, -24.0)  # pixels, applied to object 0
 
 def demo_case(seed=DEMO_SEED, drag=DEMO_DRAG):
     """(scene, object index, handle (x, y), target (x, y)): the handle on the object's centre;
-    shaded objects, and the kinds of object, as the committed model was trained on."""
-    scene = random_scene(np.random.default_rng(seed), n_objects=2, kinds=scene_kinds(), shaded=trained_on_shaded())
+    shaded objects, the kinds of object and their colours as the committed model was trained on."""
+    scene = random_scene(np.random.default_rng(seed), n_objects=2, kinds=scene_kinds(), shaded=trained_on_shaded(),
+                         palette=scene_palette())
     handle = scene.objects[0].center
     return scene, 0, handle, (handle[0] + drag[0], handle[1] + drag[1])
 

@@ -219,6 +219,16 @@ def scene_kinds(path=WEIGHTS):
     return tuple(kinds.split(",")) if kinds else KINDS
 
 
+def scene_palette(path=WEIGHTS):
+    """The colours of a field-bottleneck model's world (``train.py --fields``: ``toy.fields.PALETTE``),
+    or None for a model trained on free colours: drags on it should use scenes of those colours."""
+    if metadata(path).get("fields") != "True":
+        return None
+    from toy.fields import PALETTE
+
+    return PALETTE
+
+
 def attention_heads(path=WEIGHTS):
     """The attention heads a weights file was trained with (``train.py --heads``; 8 if not recorded)."""
     return int(metadata(path).get("attention_heads", 8))

@@ -117,10 +117,11 @@ def _hsv_to_rgb(h, s, v):
     return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
-def random_scene(rng, size=256, n_objects=None, kinds=KINDS, shaded=False):
+def random_scene(rng, size=256, n_objects=None, kinds=KINDS, shaded=False, palette=None):
     """A random scene: a muted gradient background and 1-3 non-overlapping objects, each from an
     eighth to a fifth of the image across, whose colours stand out from the background and from
     each other; with ``shaded``, every object is shaded by one light (0.3-0.5 darker at its far side).
+    With ``palette`` (RGB colours), each object takes a different one of those colours instead.
 
     Args:
         rng: ``numpy.random.Generator``.
@@ -143,7 +144,11 @@ def random_scene(rng, size=256, n_objects=None, kinds=KINDS, shaded=False):
             continue
         kind = str(rng.choice(list(kinds)))
         lobes = tuple((k, float(rng.uniform(0.05, 0.18)), float(rng.uniform(0, 2 * np.pi))) for k in (2, 3))
-        colour = _colour(rng, avoid=[a, b] + [o.colour for o in objects])
+        if palette:
+            free = [c for c in palette if tuple(c) not in [o.colour for o in objects]]
+            colour = tuple(float(v) for v in free[int(rng.integers(len(free)))])
+        else:
+            colour = _colour(rng, avoid=[a, b] + [o.colour for o in objects])
         objects.append(SceneObject(kind, center, radius, colour, float(rng.uniform(0, np.pi / 2)),
                                    lobes if kind == "blob" else ()))
     if shaded:  # drawn after the objects, so unshaded scenes stay what they were for a seed

@@ -40,6 +40,10 @@ Phases:
    ``--map-steps N`` first trains the decoder N steps to draw x0 from that map alone
    (``train_map_decoder``).
 
+   ``--fields`` (off for the committed weights) replaces them with ``train_fields``: a world of
+   palette-coloured discs whose bottleneck holds coordinate fields, output blocks 0-8 set to
+   carry them to the supervision feature (toy/fields.py), the rest trained.
+
 3. Optionally (``--align-steps``, off for the committed weights), a fine-tune that trains the
    motion loss's gradient itself to head for the moved scene's bottleneck
    (``train_drag_alignment``): the optimization, not only the decoder, is what has to find the
@@ -74,22 +78,25 @@ class SceneSource:
     the numpy renderer into numpy arrays, or, given a ``device``, by ``toy.batch_render`` into
     tensors on it (the same pixels, a whole batch at once on that device)."""
 
-    def __init__(self, seed, shaded=False, device=None, kinds=KINDS):
+    def __init__(self, seed, shaded=False, device=None, kinds=KINDS, palette=None):
         self.rng = np.random.default_rng(seed)
         self.shaded = shaded
         self.device = device
         self.kinds = kinds
+        self.palette = palette
 
     def scenes(self, n):
         """``n`` whole random scenes (``toy.scenes.Scene``), not rendered."""
-        return [random_scene(self.rng, toy_model.IMAGE_SIZE, kinds=self.kinds, shaded=self.shaded) for _ in range(n)]
+        return [random_scene(self.rng, toy_model.IMAGE_SIZE, kinds=self.kinds, shaded=self.shaded, palette=self.palette)
+                for _ in range(n)]
 
     def images(self, n, crop=None):
         """[n, crop, crop, 3] float32 images (whole scenes when ``crop`` is None), randomly
         flipped and rotated by multiples of 90 degrees."""
         scenes, views = [], []
         for _ in range(n):
-            scenes.append(random_scene(self.rng, toy_model.IMAGE_SIZE, kinds=self.kinds, shaded=self.shaded))
+            scenes.append(random_scene(self.rng, toy_model.IMAGE_SIZE, kinds=self.kinds, shaded=self.shaded,
+                                       palette=self.palette))
             views.append(self._view(crop))
         return self._augment(self._render(scenes), views, crop)
 
@@ -180,6 +187,16 @@ def lr_at(step, total, peak, warmup):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _cpu_bf16():
+    """Whether this CPU computes bfloat16 natively (without it, autocast's bf16 convolutions are
+    emulated and many times slower than float32)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def train_vae(ae, source, steps, batch, lr, start, device=torch.device("cpu")):
     """TAESD encoder: image in [0, 1] -> scene latent in model units (MSE); decoder: scene latent
     -> image (L1). ComfyUI's TAESD wrapper scales by ``vae_scale`` (SD1.5's 0.18215) on the way in
@@ -194,7 +211,7 @@ def train_vae(ae, source, steps, batch, lr, start, device=torch.device("cpu")):
         pixels = images.movedim(-1, 1)
         # The decoder sees slightly perturbed latents: the U-Net's outputs are never exact.
         noisy = target + 0.05 * torch.randn_like(target)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu" or _cpu_bf16()):
             encoded = ae.taesd_encoder(pixels)
             decoded = ae.taesd_decoder(noisy)
         enc_loss = torch.nn.functional.mse_loss(encoded.float(), target)
@@ -419,6 +436,69 @@ def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param
             log(f"parametric step {step + 1}/{steps}: noise {noise_loss.item():.4f}, bottleneck map {param_loss.item():.4f}, "
                 f"offset field {feature_loss.item():.4f}", start)
     hook.remove()
+    return ema
+
+
+def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_weight=100.0, quiet_share=0.25):
+    """Whole-latent eps-prediction with a field bottleneck (``toy.fields``; ``fields.build_linear_decoder``
+    has set and frozen output blocks 0-8); returns the EMA weights.
+
+    Every sample's bottleneck learns the ``field_map`` of the scene its z_t shows (MSE, times
+    ``encoder_weight``). Three quarters of each batch decode from the true field map of the scene
+    they are to predict instead of their own bottleneck, a third of those with z_t of that scene
+    with one object elsewhere (``parametric.displaced``, t >= 150): the top level learns to draw
+    what the fields say, not what z_t still shows, as a drag's propagation asks. The rest decode
+    from their own bottleneck, so the decoder also meets the encoder's errors. The noise is weighed
+    as an x0 error (capped at 10). ``quiet_share`` of the samples have their noise scaled by
+    U(0, 1), as DDIM-inverted latents hold less noise than forward-noised ones."""
+    from toy import fields
+
+    device = next(unet.parameters()).device
+    ab = alphas_cumprod().to(device)
+    context = toy_model.default_conditioning().to(device)
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    taught, moved = (3 * batch) // 4, batch // 4
+    rng = source.rng
+    for step in range(steps):
+        decay = min(0.999, (1 + step) / (10 + step))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, min(200, steps // 10 + 1))
+        goals = source.scenes(batch)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        t[:moved] = torch.randint(150, 1000, (moved,), device=device)
+        shown = [parametric.displaced(s, rng) for s in goals[:moved]] + list(goals[moved:])
+        told = fields.field_map(goals[:taught])
+        told = (told + 0.01 * torch.randn(told.shape, generator=torch.Generator().manual_seed(int(rng.integers(2 ** 31))))).to(device)
+        goal = toy_model.scene_latent(np.stack([s.render() for s in goals])).to(device)
+        z0 = goal.clone()
+        if moved:
+            z0[:moved] = toy_model.scene_latent(np.stack([s.render() for s in shown[:moved]])).to(device)
+        eps = torch.randn_like(z0)
+        if quiet_share:
+            quiet = torch.rand(batch, 1, 1, 1, device=device) < quiet_share
+            eps = torch.where(quiet, eps * torch.rand(batch, 1, 1, 1, device=device), eps)
+        a = ab[t][:, None, None, None]
+        zt = noised(z0, eps, a)
+        target, weight = moved_target(zt, goal, a)
+        patch = fields.FieldBottleneck(told)
+        with backward_safe(unet, "norm inputs"):
+            pred = unet(zt, timesteps=t.float(), context=context.expand(batch, -1, -1),
+                        transformer_options={"patches": {"output_block_patch": [patch]}})
+            noise_loss = (weight * (pred - target) ** 2).mean()
+            map_loss = torch.nn.functional.mse_loss(patch.encoded[:, :fields.FIELDS], fields.field_map(shown).to(device))
+            loss = noise_loss + encoder_weight * map_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for key, v in unet.state_dict().items():
+                ema[key].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[key].copy_(v)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"fields step {step + 1}/{steps}: noise {noise_loss.item():.4f} (taught {((weight * (pred - target) ** 2)[:taught].mean()).item():.4f}, "
+                f"own {((weight * (pred - target) ** 2)[taught:].mean()).item():.4f}), field map {map_loss.item():.5f}", start)
     return ema
 
 
@@ -775,6 +855,10 @@ def main(argv=None):
     parser.add_argument("--parametric", action="store_true",
                         help="train the U-Net steps with a parametric bottleneck and an offset field in the supervision "
                              "feature (train_parametric, toy/parametric.py), on whole latents")
+    parser.add_argument("--fields", action="store_true",
+                        help="train the U-Net steps with a field bottleneck (train_fields, toy/fields.py): a world of discs "
+                             "in a palette of colours, output blocks 0-8 set to carry the fields bilinearly; an --init "
+                             "that was trained so keeps it")
     parser.add_argument("--render-above", type=int,
                         help="with --parametric: from this timestep up, taught samples see z_t of another scene, so the "
                              "decoder draws the bottleneck's map alone (default: off)")
@@ -792,6 +876,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int,
                         help="scene size in pixels, a multiple of 64 (default 256, or an --init's own; below 256 the "
                              "U-Net trains on whole latents only)")
+    parser.add_argument("--vae-from", help="start the VAE from this weights file's (with --vae-steps 0: keep it as it is)")
     parser.add_argument("--init", help="start both networks from this weights file (to continue training)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -835,6 +920,7 @@ def main(argv=None):
         settings = toy_model.metadata(args.init)
         args.pointwise_top = args.pointwise_top or settings.get("pointwise_top") == "True"
         args.parametric = args.parametric or settings.get("parametric") == "True"
+        args.fields = args.fields or settings.get("fields") == "True"
         if float(settings.get("bottleneck_rms", 0)):
             rescaling = float(settings["bottleneck_rms"]), float(settings["trained_bottleneck_rms"])
             if args.unet_steps or args.chain_steps:
@@ -847,15 +933,30 @@ def main(argv=None):
                 kept_rescaling = rescaling
     if args.map_steps and not args.parametric:
         parser.error("--map-steps trains the decoder of a parametric bottleneck: add --parametric (or --init a --parametric model)")
+    if args.vae_from:
+        ae.load_state_dict(toy_model.read(args.vae_from)[1])
+    if args.fields and (args.parametric or args.shaded):
+        parser.error("--fields is a world of flat palette discs of its own: drop --parametric and --shaded")
+    if args.fields:
+        from toy import fields
+
+        args.kinds = ("disc",)
+    palette = fields.PALETTE if args.fields else None
     # Off the CPU the scenes are rendered on the device too: the numpy renderer would bound a GPU run.
-    render_on = None if device.type == "cpu" else device
-    train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded, render_on, args.kinds), args.vae_steps, 16, 1e-3, start, device)
+    render_on = None if device.type == "cpu" or args.fields else device
+    train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded, render_on, args.kinds, palette), args.vae_steps, 16, 1e-3,
+              start, device)
 
     unet = base.diffusion_model.to(device).train()
     hold_skips_at_zero(unet, range(args.skipless_blocks))
     if args.pointwise_top:
         hold_top_pointwise(unet)
-    if args.parametric:
+    if args.fields:
+        fields.build_linear_decoder(unet)
+        ema = train_fields(unet, SceneSource(args.seed + 2, False, None, args.kinds, palette), args.unet_steps,
+                           args.full_batch or max(4, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
+                           quiet_share=args.quiet_share)
+    elif args.parametric:
         parametric.hold_bottleneck_reads(unet, _hold)
         train_map_decoder(unet, SceneSource(args.seed + 5, args.shaded, None, args.kinds), args.map_steps,
                           args.full_batch or max(4, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
@@ -887,7 +988,7 @@ def main(argv=None):
     toy_model.save(args.out, unet, ae, metadata={
         "made_by": "toy/train.py", "seed": args.seed, "image_size": args.image_size, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
         "full_steps": args.full_steps, "batch": args.batch, "full_batch": args.full_batch, "unet_lr": args.unet_lr, "skipless_blocks": args.skipless_blocks,
-        "pointwise_top": args.pointwise_top, "parametric": args.parametric, "render_above": args.render_above, "map_steps": args.map_steps, "map_min_t": args.map_min_t, "quiet_share": args.quiet_share, "kinds": ",".join(args.kinds), "moved_pairs": args.moved_pairs,
+        "pointwise_top": args.pointwise_top, "parametric": args.parametric, "fields": args.fields, "render_above": args.render_above, "map_steps": args.map_steps, "map_min_t": args.map_min_t, "quiet_share": args.quiet_share, "kinds": ",".join(args.kinds), "moved_pairs": args.moved_pairs,
         "moved_min_t": args.moved_min_t, "moved_lag": args.moved_lag, "self_lag": args.self_lag,
         "moved_interpolate": args.moved_interpolate, "bottleneck_noise": args.bottleneck_noise,
         "bottleneck_rms": args.bottleneck_rms or target_rms, "shaded": args.shaded, "attention_heads": args.heads, "widths": ",".join(map(str, args.widths)), "align_steps": args.align_steps,
@@ -895,7 +996,7 @@ def main(argv=None):
         "align_weight": args.align_weight, "align_path_steps": args.align_path_steps,
         "chain_steps": args.chain_steps, "chain_pairs": args.chain_pairs, "chain_states": args.chain_states, "chain_plain": args.chain_plain,
         "chain_dragged": args.chain_dragged, "chain_part_way": args.chain_part_way,
-        "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(trained_rms, 3), "init": args.init or "", "seconds": round(time.time() - start)})
+        "bottleneck_share": round(share, 3), "trained_bottleneck_rms": round(trained_rms, 3), "init": args.init or "", "vae_from": args.vae_from or "", "seconds": round(time.time() - start)})
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)", start)
 
 
