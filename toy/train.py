@@ -491,11 +491,7 @@ def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_w
             loss = noise_loss + encoder_weight * map_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
-        with torch.no_grad():
-            for key, v in unet.state_dict().items():
-                ema[key].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.is_floating_point() else ema[key].copy_(v)
+        step_with_ema(unet, opt, ema, decay)  # the frozen blocks have no gradients: the clipping skips them
         if step % 50 == 0 or step == steps - 1:
             log(f"fields step {step + 1}/{steps}: noise {noise_loss.item():.4f} (taught {((weight * (pred - target) ** 2)[:taught].mean()).item():.4f}, "
                 f"own {((weight * (pred - target) ** 2)[taught:].mean()).item():.4f}), field map {map_loss.item():.5f}", start)
