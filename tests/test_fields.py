@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 
 sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
-from toy import fields, scenes  # noqa: E402
+from toy import fields, parametric, scenes  # noqa: E402
 from toy import model as toy_model  # noqa: E402
 from test_toy import clean_env, run_quick  # noqa: E402
 
@@ -67,7 +67,7 @@ def supervision_feature(unet, told, zt, t):
         lambda module, inputs, output: feature.__setitem__("F", output))
     with torch.no_grad():
         unet(zt, timesteps=torch.full((len(zt),), t), context=toy_model.default_conditioning().expand(len(zt), -1, -1),
-             transformer_options={"patches": {"output_block_patch": [fields.FieldBottleneck(told)]}})
+             transformer_options={"patches": {"output_block_patch": [parametric.ParamBottleneck(told)]}})
     hook.remove()
     return feature["F"]
 

@@ -103,9 +103,7 @@ def field_map(scenes):
 def feature_layout(fields):
     """[B, FIELDS, h, w] -> [B, 3 * FIELDS (+1 zero), h, w]: the supervision feature's channels
     as ``build_linear_decoder`` lays them out, ``[f, -f, ANCHOR]`` for each field."""
-    anchor = torch.full_like(fields, ANCHOR)
-    out = torch.stack([fields, -fields, anchor], dim=2).flatten(1, 2)
-    return out
+    return torch.stack([fields, -fields, torch.full_like(fields, ANCHOR)], dim=2).flatten(1, 2)
 
 
 @torch.no_grad()
@@ -154,23 +152,3 @@ def build_linear_decoder(unet):
                         conv.weight[c, c] = BILINEAR
     for p in blocks.parameters():
         p.requires_grad_(False)
-
-
-class FieldBottleneck:
-    """``output_block_patch``: keeps the encoder's bottleneck ([B, C, G, G]) in ``encoded`` and,
-    for the first ``len(values)`` samples, puts ``values`` ([k, FIELDS, G, G]) in its first
-    channels instead (the truth the decoder learns to draw)."""
-
-    encoded = None
-
-    def __init__(self, values):
-        self.values = values
-
-    def __call__(self, h, hsp, transformer_options):
-        if transformer_options.get("block") == ("output", 0):
-            self.encoded = h
-            k = len(self.values)
-            if k:
-                head = torch.cat([self.values.to(h), h[:k, FIELDS:]], dim=1)
-                h = torch.cat([head, h[k:]])
-        return h, hsp

@@ -157,8 +157,9 @@ def hold_bottleneck_reads(unet, hold):
 
 class ParamBottleneck:
     """``output_block_patch``: keeps the encoder's bottleneck ([B, 96, G, G]) in ``encoded`` and
-    hands the first ``len(values)`` samples ``values`` ([k, CHANNELS, G, G]) in its first channels
-    instead (the truth: the decoder learns to draw from it)."""
+    hands the first ``len(values)`` samples ``values`` ([k, c, G, G]; c = ``CHANNELS`` here,
+    ``fields.FIELDS`` for the field bottleneck) in its first channels instead (the truth: the
+    decoder learns to draw from it)."""
 
     encoded = None
 
@@ -170,6 +171,6 @@ class ParamBottleneck:
             self.encoded = h
             k = len(self.values)
             if k:
-                head = torch.cat([self.values.to(h), h[:k, CHANNELS:]], dim=1)
+                head = torch.cat([self.values.to(h), h[:k, self.values.shape[1]:]], dim=1)
                 h = torch.cat([head, h[k:]])
         return h, hsp

@@ -203,6 +203,7 @@ def train_vae(ae, source, steps, batch, lr, start, device=torch.device("cpu")):
     and out, so its raw latents are the usual raw VAE units."""
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     ae.vae_scale.requires_grad_(False)
+    bf16 = device.type != "cpu" or _cpu_bf16()
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(100, steps // 10 + 1))
@@ -211,7 +212,7 @@ def train_vae(ae, source, steps, batch, lr, start, device=torch.device("cpu")):
         pixels = images.movedim(-1, 1)
         # The decoder sees slightly perturbed latents: the U-Net's outputs are never exact.
         noisy = target + 0.05 * torch.randn_like(target)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu" or _cpu_bf16()):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             encoded = ae.taesd_encoder(pixels)
             decoded = ae.taesd_decoder(noisy)
         enc_loss = torch.nn.functional.mse_loss(encoded.float(), target)
@@ -372,6 +373,16 @@ def shown_scenes(goals, t, moved, taught, source, render_above=None):
     return shown
 
 
+def quieted(eps, share):
+    """``eps`` [B, ...] with that ``share`` of its samples scaled by U(0, 1): DDIM-inverted latents
+    hold less noise than forward-noised ones."""
+    if not share:
+        return eps
+    shape = (len(eps),) + (1,) * (eps.ndim - 1)
+    quiet = torch.rand(shape, device=eps.device) < share
+    return torch.where(quiet, eps * torch.rand(shape, device=eps.device), eps)
+
+
 def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param_weight=1.0, feature_weight=1.0,
                      render_above=None, quiet_share=0.0):
     """Whole-latent eps-prediction with a parametric bottleneck (``toy.parametric``); returns the
@@ -415,9 +426,7 @@ def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param
         if other:
             z0[other] = toy_model.scene_latent(np.stack([shown[i].render() for i in other])).to(device)
         eps = torch.randn_like(z0)
-        if quiet_share:
-            quiet = torch.rand(batch, 1, 1, 1, device=device) < quiet_share
-            eps = torch.where(quiet, eps * torch.rand(batch, 1, 1, 1, device=device), eps)
+        eps = quieted(eps, quiet_share)
         a = ab[t][:, None, None, None]
         zt = noised(z0, eps, a)
         target, weight = moved_target(zt, goal, a)  # = eps where z0 is the goal
@@ -469,32 +478,32 @@ def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_w
         t = torch.randint(0, 1000, (batch,), device=device)
         t[:moved] = torch.randint(150, 1000, (moved,), device=device)
         shown = [parametric.displaced(s, rng) for s in goals[:moved]] + list(goals[moved:])
-        told = fields.field_map(goals[:taught])
+        shown_map = fields.field_map(shown)
+        told = torch.cat([fields.field_map(goals[:moved]), shown_map[moved:taught]]) if moved else shown_map[:taught]
         told = (told + 0.01 * torch.randn(told.shape, generator=torch.Generator().manual_seed(int(rng.integers(2 ** 31))))).to(device)
         goal = toy_model.scene_latent(np.stack([s.render() for s in goals])).to(device)
         z0 = goal.clone()
         if moved:
             z0[:moved] = toy_model.scene_latent(np.stack([s.render() for s in shown[:moved]])).to(device)
         eps = torch.randn_like(z0)
-        if quiet_share:
-            quiet = torch.rand(batch, 1, 1, 1, device=device) < quiet_share
-            eps = torch.where(quiet, eps * torch.rand(batch, 1, 1, 1, device=device), eps)
+        eps = quieted(eps, quiet_share)
         a = ab[t][:, None, None, None]
         zt = noised(z0, eps, a)
         target, weight = moved_target(zt, goal, a)
-        patch = fields.FieldBottleneck(told)
+        patch = parametric.ParamBottleneck(told)
         with backward_safe(unet, "norm inputs"):
             pred = unet(zt, timesteps=t.float(), context=context.expand(batch, -1, -1),
                         transformer_options={"patches": {"output_block_patch": [patch]}})
-            noise_loss = (weight * (pred - target) ** 2).mean()
-            map_loss = torch.nn.functional.mse_loss(patch.encoded[:, :fields.FIELDS], fields.field_map(shown).to(device))
+            per_sample = weight * (pred - target) ** 2
+            noise_loss = per_sample.mean()
+            map_loss = torch.nn.functional.mse_loss(patch.encoded[:, :fields.FIELDS], shown_map.to(device))
             loss = noise_loss + encoder_weight * map_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
         step_with_ema(unet, opt, ema, decay)  # the frozen blocks have no gradients: the clipping skips them
         if step % 50 == 0 or step == steps - 1:
-            log(f"fields step {step + 1}/{steps}: noise {noise_loss.item():.4f} (taught {((weight * (pred - target) ** 2)[:taught].mean()).item():.4f}, "
-                f"own {((weight * (pred - target) ** 2)[taught:].mean()).item():.4f}), field map {map_loss.item():.5f}", start)
+            log(f"fields step {step + 1}/{steps}: noise {noise_loss.item():.4f} (taught {per_sample[:taught].mean().item():.4f}, "
+                f"own {per_sample[taught:].mean().item():.4f}), field map {map_loss.item():.5f}", start)
     return ema
 
 
