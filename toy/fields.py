@@ -61,11 +61,14 @@ def upsample(x):
     return x
 
 
-def fields_at(scenes, step):
+def fields_at(scenes, step, device=None):
     """The fields on a grid of points ``step`` pixels apart (their centres): per slot u, v (the
     point's offset from that slot's disc centre, in ``UNIT``, clipped at ``REACH``; ``REACH`` where
     the slot is empty) and rho (the radius in ``UNIT``, 0 when empty), then the colour of the
     background there (model units, ``model.scene_latent``'s colour axes).
+
+    With ``device``, the backgrounds are rendered there (``toy.batch_render``: one scene at a time
+    on one CPU core would bound a training run on a GPU) and the fields returned there.
 
     Returns:
         [B, FIELDS, S/step, S/step] float32.
@@ -82,13 +85,19 @@ def fields_at(scenes, step):
             out[b, 3 * k] = np.clip((centres[None, :] - obj.center[0]) / UNIT, -REACH, REACH)
             out[b, 3 * k + 1] = np.clip((centres[:, None] - obj.center[1]) / UNIT, -REACH, REACH)
             out[b, 3 * k + 2] = obj.radius / UNIT
-    backgrounds = np.stack([type(s)(s.size, s.background, []).render() for s in scenes])
-    colour = toy_model.scene_latent(backgrounds)[:, :3]
-    out[:, 3 * SLOTS:] = torch.nn.functional.interpolate(colour, size=(side, side), mode="area").numpy()
-    return torch.from_numpy(out)
+    bare = [type(s)(s.size, s.background, []) for s in scenes]
+    if device is None:
+        colour = toy_model.scene_latent(np.stack([s.render() for s in bare]))[:, :3]
+    else:
+        from toy import batch_render
+
+        colour = toy_model.scene_latent(batch_render.render(bare, device))[:, :3]
+    out = torch.from_numpy(out).to(colour.device)
+    out[:, 3 * SLOTS:] = torch.nn.functional.interpolate(colour, size=(side, side), mode="area")
+    return out
 
 
-def field_map(scenes):
+def field_map(scenes, device=None):
     """The bottleneck's first ``FIELDS`` channels for ``scenes``: the fields at the centres of its
     cells. ``upsample`` turns them into the fields at every latent pixel, exactly away from the
     image's border (within about 40 px of it, zero padding pulls them toward 0: all of a pixel's
@@ -97,7 +106,7 @@ def field_map(scenes):
     Returns:
         [B, FIELDS, S/64, S/64] float32.
     """
-    return fields_at(scenes, CELL)
+    return fields_at(scenes, CELL, device)
 
 
 def feature_layout(fields):

@@ -448,7 +448,8 @@ def train_parametric(unet, source, steps, batch, lr, start, backward_safe, param
     return ema
 
 
-def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_weight=100.0, quiet_share=0.25):
+def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_weight=100.0, quiet_share=0.25,
+                 seconds=None):
     """Whole-latent eps-prediction with a field bottleneck (``toy.fields``; ``fields.build_linear_decoder``
     has set and frozen output blocks 0-8); returns the EMA weights.
 
@@ -459,7 +460,11 @@ def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_w
     what the fields say, not what z_t still shows, as a drag's propagation asks. The rest decode
     from their own bottleneck, so the decoder also meets the encoder's errors. The noise is weighed
     as an x0 error (capped at 10). ``quiet_share`` of the samples have their noise scaled by
-    U(0, 1), as DDIM-inverted latents hold less noise than forward-noised ones."""
+    U(0, 1), as DDIM-inverted latents hold less noise than forward-noised ones.
+
+    With ``seconds``, the run takes at most about that long: after 20 steps, ``steps`` is cut to
+    what the measured pace allows (the learning-rate schedule follows the cut). Returns the EMA
+    weights and the number of steps taken."""
     from toy import fields
 
     device = next(unet.parameters()).device
@@ -470,7 +475,14 @@ def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_w
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     taught, moved = (3 * batch) // 4, batch // 4
     rng = source.rng
-    for step in range(steps):
+    step, paced_from = 0, None
+    while step < steps:
+        if seconds and step == 5:
+            paced_from = time.time()  # the first steps include one-off warm-up
+        if seconds and step == 20:
+            pace = (time.time() - paced_from) / 15
+            steps = max(21, min(steps, 20 + int((seconds - (time.time() - start)) / pace)))
+            log(f"fields: {pace:.3f} s a step, {steps} steps fit in {seconds:.0f} s", start)
         decay = min(0.999, (1 + step) / (10 + step))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(200, steps // 10 + 1))
@@ -478,13 +490,15 @@ def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_w
         t = torch.randint(0, 1000, (batch,), device=device)
         t[:moved] = torch.randint(150, 1000, (moved,), device=device)
         shown = [parametric.displaced(s, rng) for s in goals[:moved]] + list(goals[moved:])
-        shown_map = fields.field_map(shown)
-        told = torch.cat([fields.field_map(goals[:moved]), shown_map[moved:taught]]) if moved else shown_map[:taught]
-        told = (told + 0.01 * torch.randn(told.shape, generator=torch.Generator().manual_seed(int(rng.integers(2 ** 31))))).to(device)
-        goal = toy_model.scene_latent(np.stack([s.render() for s in goals])).to(device)
+        shown_map = fields.field_map(shown, source.device)
+        told = torch.cat([fields.field_map(goals[:moved], source.device), shown_map[moved:taught]]) if moved else shown_map[:taught]
+        told = told.cpu() + 0.01 * torch.randn(told.shape, generator=torch.Generator().manual_seed(int(rng.integers(2 ** 31))))
+        told = told.to(device)
+        shown_map = shown_map.to(device)
+        goal = toy_model.scene_latent(source._render(goals)).to(device)
         z0 = goal.clone()
         if moved:
-            z0[:moved] = toy_model.scene_latent(np.stack([s.render() for s in shown[:moved]])).to(device)
+            z0[:moved] = toy_model.scene_latent(source._render(shown[:moved])).to(device)
         eps = torch.randn_like(z0)
         eps = quieted(eps, quiet_share)
         a = ab[t][:, None, None, None]
@@ -496,7 +510,7 @@ def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_w
                         transformer_options={"patches": {"output_block_patch": [patch]}})
             per_sample = weight * (pred - target) ** 2
             noise_loss = per_sample.mean()
-            map_loss = torch.nn.functional.mse_loss(patch.encoded[:, :fields.FIELDS], shown_map.to(device))
+            map_loss = torch.nn.functional.mse_loss(patch.encoded[:, :fields.FIELDS], shown_map)
             loss = noise_loss + encoder_weight * map_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -504,7 +518,8 @@ def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_w
         if step % 50 == 0 or step == steps - 1:
             log(f"fields step {step + 1}/{steps}: noise {noise_loss.item():.4f} (taught {per_sample[:taught].mean().item():.4f}, "
                 f"own {per_sample[taught:].mean().item():.4f}), field map {map_loss.item():.5f}", start)
-    return ema
+        step += 1
+    return ema, steps
 
 
 def train_map_decoder(unet, source, steps, batch, lr, start, backward_safe, min_t=300):
@@ -886,6 +901,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to train (default: the GPU when there is one)")
+    parser.add_argument("--minutes", type=float,
+                        help="with --fields: cut the U-Net steps to what fits in this many minutes from the start (for a "
+                             "run on a borrowed GPU; the weights' metadata records the steps taken)")
     parser.add_argument("--quick", action="store_true", help="at most a few steps of each phase (smoke test)")
     args = parser.parse_args(argv)
     args.kinds = tuple(args.kinds.split(",")) if args.kinds else toy_model.scene_kinds(args.init) if args.init else KINDS
@@ -948,7 +966,7 @@ def main(argv=None):
         args.kinds = ("disc",)
     palette = fields.PALETTE if args.fields else None
     # Off the CPU the scenes are rendered on the device too: the numpy renderer would bound a GPU run.
-    render_on = None if device.type == "cpu" or args.fields else device
+    render_on = None if device.type == "cpu" else device
     train_vae(ae.to(device), SceneSource(args.seed + 1, args.shaded, render_on, args.kinds, palette), args.vae_steps, 16, 1e-3,
               start, device)
 
@@ -958,9 +976,10 @@ def main(argv=None):
         hold_top_pointwise(unet)
     if args.fields:
         fields.build_linear_decoder(unet)
-        ema = train_fields(unet, SceneSource(args.seed + 2, False, None, args.kinds, palette), args.unet_steps,
-                           args.full_batch or max(4, args.batch // 4), args.unet_lr, start, dragnoise.features.backward_safe,
-                           quiet_share=args.quiet_share)
+        ema, args.unet_steps = train_fields(unet, SceneSource(args.seed + 2, False, render_on, args.kinds, palette),
+                                            args.unet_steps, args.full_batch or max(4, args.batch // 4), args.unet_lr, start,
+                                            dragnoise.features.backward_safe, quiet_share=args.quiet_share,
+                                            seconds=args.minutes and 60 * args.minutes)
     elif args.parametric:
         parametric.hold_bottleneck_reads(unet, _hold)
         train_map_decoder(unet, SceneSource(args.seed + 5, args.shaded, None, args.kinds), args.map_steps,
