@@ -137,3 +137,15 @@ def test_train_fields_renders_on_the_sources_device_and_keeps_to_its_time(comfy)
     assert steps == 21
     assert not torch.equal(unet.output_blocks[-1][0].in_layers[0].weight, before)
     assert set(ema) == set(unet.state_dict())
+
+
+def test_top_level_experiment_runs_and_reports_pull_and_errors():
+    import re
+
+    run = subprocess.run([sys.executable, str(REPO / "toy/top_level.py"), "--backgrounds", "--minutes", "0.02", "--threads", "1",
+                          "--batch", "2"], env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    final = re.search(r"after (\d+) steps: at the edit step pull (-?[\d.]+), x0 error: channel means ([\d.]+), "
+                      r"the rest \(RMS\) ([\d.]+)", run.stdout)
+    assert final, run.stdout[-2000:]
+    assert int(final.group(1)) >= 1 and all(np.isfinite(float(v)) for v in final.groups()[1:])
