@@ -109,6 +109,9 @@ def test_fields_training_writes_a_model_that_keeps_its_world(tmp_path, comfy):
     bad = subprocess.run([sys.executable, str(REPO / "toy/train.py"), "--quick", "--fields", "--parametric", "--out",
                           str(tmp_path / "no.safetensors")], env=clean_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--fields is a world of flat palette discs" in bad.stderr
+    unpaced = subprocess.run([sys.executable, str(REPO / "toy/train.py"), "--quick", "--minutes", "1", "--out",
+                              str(tmp_path / "no.safetensors")], env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert unpaced.returncode != 0 and "--minutes cuts the steps of a --fields run only" in unpaced.stderr
 
 
 def test_fields_rendered_on_a_device_match_the_numpy_renderers():

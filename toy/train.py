@@ -492,8 +492,8 @@ def train_fields(unet, source, steps, batch, lr, start, backward_safe, encoder_w
         shown = [parametric.displaced(s, rng) for s in goals[:moved]] + list(goals[moved:])
         shown_map = fields.field_map(shown, source.device)
         told = torch.cat([fields.field_map(goals[:moved], source.device), shown_map[moved:taught]]) if moved else shown_map[:taught]
-        told = told.cpu() + 0.01 * torch.randn(told.shape, generator=torch.Generator().manual_seed(int(rng.integers(2 ** 31))))
-        told = told.to(device)
+        jitter = torch.randn(told.shape, generator=torch.Generator().manual_seed(int(rng.integers(2 ** 31))))
+        told = (told + 0.01 * jitter.to(told.device)).to(device)
         shown_map = shown_map.to(device)
         goal = toy_model.scene_latent(source._render(goals)).to(device)
         z0 = goal.clone()
@@ -958,6 +958,8 @@ def main(argv=None):
         parser.error("--map-steps trains the decoder of a parametric bottleneck: add --parametric (or --init a --parametric model)")
     if args.vae_from:
         ae.load_state_dict(toy_model.read(args.vae_from)[1])
+    if args.minutes and not args.fields:
+        parser.error("--minutes cuts the steps of a --fields run only: add --fields (or --init a --fields model)")
     if args.fields and (args.parametric or args.shaded):
         parser.error("--fields is a world of flat palette discs of its own: drop --parametric and --shaded")
     if args.fields:
