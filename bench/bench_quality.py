@@ -45,17 +45,18 @@ class Case:
         return self.target[0] - self.handle[0], self.target[1] - self.handle[1]
 
 
-def make_cases(n, seed=0, size=256, shaded=False, kinds=KINDS, palette=None):
+def make_cases(n, seed=0, size=256, shaded=False, kinds=KINDS, palette=None, radii=None, objects=None):
     """``n`` cases; every other one has a mask: the object's footprint swept along the drag,
     widened by 12 px. ``shaded``, ``kinds``: shaded objects, the kinds of object (for a model
-    trained on those), ``palette``: their colours (``toy.fields.PALETTE`` for a ``--fields`` model).
+    trained on those), ``palette``: their colours (``toy.fields.PALETTE`` for a ``--fields`` model),
+    ``radii``: each colour's radius, ``objects``: objects per scene (a ``toy.set_decoder`` model's world).
     Drag lengths (24-64 px), margins and that widening are for 256 px scenes
     and scale with ``size``."""
     rng = np.random.default_rng(seed)
     k = size / 256
     cases = []
     while len(cases) < n:
-        scene = random_scene(rng, size, kinds=kinds, shaded=shaded, palette=palette)
+        scene = random_scene(rng, size, n_objects=objects, kinds=kinds, shaded=shaded, palette=palette, radii=radii)
         obj = scene.objects[0]
         angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(24, 64) * k
         handle = (obj.center[0] + rng.uniform(-0.3, 0.3) * obj.radius, obj.center[1] + rng.uniform(-0.3, 0.3) * obj.radius)
@@ -75,12 +76,14 @@ def make_cases(n, seed=0, size=256, shaded=False, kinds=KINDS, palette=None):
 class Runner:
     """The pack's functions on the toy model, called as its nodes call them."""
 
-    def __init__(self, dragnoise, max_steps, halt_step, weights=None):
+    def __init__(self, dragnoise, max_steps, halt_step, weights=None, mask_lambda=0.1,
+                 mask_when_empty="regularize whole image"):
         from toy import model as toy_model
 
         self.dn = dragnoise
         self.model, self.vae, self.cond = toy_model.load(weights or toy_model.WEIGHTS)
-        self.settings = dragnoise.optimize.DragSettings(max_steps=max_steps)
+        self.settings = dragnoise.optimize.DragSettings(max_steps=max_steps, mask_lambda=mask_lambda,
+                                                        mask_when_empty=mask_when_empty)
         self.halt_step = halt_step
 
     def run(self, case):
@@ -154,6 +157,9 @@ def main(argv=None):
     parser.add_argument("--out", help="write every case's numbers and the table here (JSON)")
     parser.add_argument("--weights", help="another toy model file (default: the committed one)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--mask-lambda", type=float, default=0.1, help="Bottleneck Optimize's mask_lambda")
+    parser.add_argument("--mask-when-empty", default="regularize whole image",
+                        help="Bottleneck Optimize's mask_when_empty for the cases without a mask")
     parser.add_argument("--quick", action="store_true", help="2 cases, 3 steps")
     args = parser.parse_args(argv)
     if args.quick:
@@ -162,7 +168,8 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    runner = Runner(comfy_env.start(pytorch_attention=True), args.max_steps, args.halt_step, args.weights)
+    runner = Runner(comfy_env.start(pytorch_attention=True), args.max_steps, args.halt_step, args.weights,
+                    args.mask_lambda, args.mask_when_empty)
     rows = []
     start = time.time()
     from toy import model as toy_model
@@ -170,7 +177,8 @@ def main(argv=None):
     weights = args.weights or toy_model.WEIGHTS
     shaded, size = toy_model.trained_on_shaded(weights), toy_model.image_size(weights)
     for i, case in enumerate(make_cases(args.cases, args.seed, size, shaded, toy_model.scene_kinds(weights),
-                                         toy_model.scene_palette(weights))):
+                                         toy_model.scene_palette(weights), toy_model.scene_radii(weights),
+                                         toy_model.scene_objects(weights))):
         rows.append({"case": i, "masked": case.mask is not None, "drag": case.drag} | runner.run(case))
         r = rows[-1]
         print(f"case {i + 1}/{args.cases} ({'mask' if r['masked'] else 'no mask'}, drag {np.hypot(*case.drag):.0f} px): "
@@ -181,7 +189,8 @@ def main(argv=None):
             Path(args.out).write_text(json.dumps({"args": vars(args), "table": table, "cases": rows}, indent=1,
                                                  default=float))
     print(f"\n{table}\n\n{len(rows)} cases in {time.time() - start:.0f} s; max_steps {args.max_steps}, "
-          f"halt_step {args.halt_step}, toy model at {size} px{', shaded objects' if shaded else ''}")
+          f"halt_step {args.halt_step}, mask_lambda {args.mask_lambda} ({args.mask_when_empty} without a mask), "
+          f"toy model at {size} px{', shaded objects' if shaded else ''}")
     return rows, table
 
 

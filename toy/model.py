@@ -229,6 +229,23 @@ def scene_palette(path=WEIGHTS):
     return PALETTE
 
 
+def scene_radii(path=WEIGHTS):
+    """Each palette colour's radius in pixels in a set-decoder model's world (``toy.set_decoder``:
+    every colour has its own), or None: drags on it should use scenes with those radii."""
+    if metadata(path).get("decoder") != "set":
+        return None
+    from toy.set_decoder import RADII
+
+    return RADII
+
+
+def scene_objects(path=WEIGHTS):
+    """How many objects a weights file's scenes hold (``toy.set_decoder``'s world: one), or None
+    where its world draws 1-3."""
+    objects = metadata(path).get("objects")
+    return int(objects) if objects else None
+
+
 def attention_heads(path=WEIGHTS):
     """The attention heads a weights file was trained with (``train.py --heads``; 8 if not recorded)."""
     return int(metadata(path).get("attention_heads", 8))
@@ -248,8 +265,14 @@ def load(path=WEIGHTS):
     import comfy.sd
 
     unet_sd, vae_sd = read(path)
-    base = build_unet(heads=attention_heads(path), widths=widths(path))
-    base.diffusion_model.load_state_dict(unet_sd)
+    if metadata(path).get("decoder") == "set":  # the file holds the encoder; the decoder is built
+        from toy import set_decoder
+
+        base = set_decoder.build_unet()
+        set_decoder.load_encoder(base.diffusion_model, unet_sd)
+    else:
+        base = build_unet(heads=attention_heads(path), widths=widths(path))
+        base.diffusion_model.load_state_dict(unet_sd)
     base.eval()
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                              offload_device=comfy.model_management.unet_offload_device())

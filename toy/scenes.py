@@ -117,11 +117,12 @@ def _hsv_to_rgb(h, s, v):
     return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
-def random_scene(rng, size=256, n_objects=None, kinds=KINDS, shaded=False, palette=None):
+def random_scene(rng, size=256, n_objects=None, kinds=KINDS, shaded=False, palette=None, radii=None):
     """A random scene: a muted gradient background and 1-3 non-overlapping objects, each from an
     eighth to a fifth of the image across, whose colours stand out from the background and from
     each other; with ``shaded``, every object is shaded by one light (0.3-0.5 darker at its far side).
-    With ``palette`` (RGB colours), each object takes a different one of those colours instead.
+    With ``palette`` (RGB colours), each object takes a different one of those colours instead;
+    with ``radii`` too (pixels, one per palette colour), each colour always has that radius.
 
     Args:
         rng: ``numpy.random.Generator``.
@@ -137,6 +138,10 @@ def random_scene(rng, size=256, n_objects=None, kinds=KINDS, shaded=False, palet
         if len(objects) == n_objects:
             break
         radius = float(rng.uniform(0.12, 0.2) * size)
+        if radii is not None:  # the colour is drawn below; a slot's radius is fixed
+            free = [i for i, c in enumerate(palette) if tuple(c) not in [o.colour for o in objects]]
+            slot = free[int(rng.integers(len(free)))]
+            radius = float(radii[slot])
         margin = radius + 0.04 * size
         center = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))
         if any(np.hypot(center[0] - o.center[0], center[1] - o.center[1]) < radius + o.radius + 0.05 * size
@@ -144,7 +149,9 @@ def random_scene(rng, size=256, n_objects=None, kinds=KINDS, shaded=False, palet
             continue
         kind = str(rng.choice(list(kinds)))
         lobes = tuple((k, float(rng.uniform(0.05, 0.18)), float(rng.uniform(0, 2 * np.pi))) for k in (2, 3))
-        if palette:
+        if radii is not None:
+            colour = tuple(float(v) for v in palette[slot])
+        elif palette:
             free = [c for c in palette if tuple(c) not in [o.colour for o in objects]]
             colour = tuple(float(v) for v in free[int(rng.integers(len(free)))])
         else:
