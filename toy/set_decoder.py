@@ -31,6 +31,9 @@ the encoder is trained to write them (``train_encoder``), the decoder is set (``
 - block 11 and the output head the noise: ``G1(t) (z - mean z) - G2(t) (x0 - mean x0)`` with x0
   that drawing, i.e. a Wiener-style denoiser that trusts the drawing while z_t is noisy and
   z_t itself as the noise fades (``SIGMA_P2``); the image means come from z_t alone.
+
+The decoder's anchors and gains are large constants (up to ``TIME_GAIN``) whose small differences
+carry the signal: it needs float32; in float16 or bfloat16 it draws nothing useful.
 """
 
 import sys
