@@ -188,10 +188,35 @@ def test_the_weights_file_holds_the_encoder_and_loads_with_the_decoder_built(tmp
 def test_the_encoder_training_writes_a_weights_file(tmp_path, comfy):
     out = tmp_path / "enc.safetensors"
     done = subprocess.run([sys.executable, str(REPO / "toy" / "set_decoder.py"), "--out", str(out), "--steps", "3",
-                           "--batch", "2", "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--batch", "2", "--threads", "1", "--inverted-share", "0.5"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "encoder step 3/3" in done.stdout
-    assert toy_model.metadata(str(out))["decoder"] == "set"
+    meta = toy_model.metadata(str(out))
+    assert meta["decoder"] == "set" and meta["inverted_share"] == "0.5" and meta["made_by"] == "toy/set_decoder.py"
+
+
+def test_inverted_states_are_the_packs_ddim_inversion(tmp_path, comfy):
+    """What --inverted-share trains the encoder on must be what a drag meets: the pack's DDIM
+    inversion (its step convention) through the same U-Net, at every step to the edit step."""
+    from bench import comfy_env
+
+    dragnoise = comfy_env.start(pytorch_attention=True)
+    base = sd.build_unet(seed=4)
+    unet = base.diffusion_model
+    sd.build_decoder(unet)
+    path = tmp_path / "set.safetensors"
+    sd.save(str(path), unet, toy_model.read()[1], {})
+    model, vae, positive = toy_model.load(str(path))
+    batch = scenes(6, 2)
+    states, timesteps = sd.inverted_states(model.model.diffusion_model, batch, toy_model.default_conditioning())
+    assert states.shape == (70, 4, 32, 32) and timesteps[::2].tolist() == list(range(1, 700, 20))
+    for i, scene in enumerate(batch):
+        latent = toy_model.scene_latent(scene.render()[None]) / toy_model.SCALE_FACTOR
+        with torch.inference_mode():
+            _, inversion = dragnoise.inversion.ddim_invert(model, latent, positive, 50, 0.7)
+        assert inversion.timestep == 681
+        assert (states[68 + i] - inversion.noisy_latent).abs().max() < 1e-2 * inversion.noisy_latent.abs().max()
 
 
 def test_benchmark_cases_follow_the_worlds_objects_and_radii():

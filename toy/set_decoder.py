@@ -176,14 +176,38 @@ def encode(unet, zt, t, context):
     return forward_timestep_embed(unet.middle_block, h, emb, context, options)
 
 
+@torch.no_grad()
+def inverted_states(unet, scenes, context, steps=35):
+    """The latents the pack's DDIM inversion (50-step schedule, its convention: each step labelled
+    with the timestep it goes to, alpha_bar of the one it leaves) visits for ``scenes`` through
+    this U-Net: ([len(scenes) * steps, 4, h, w] z_t, [same] t). Needs the decoder built."""
+    from toy.probe import alphas_cumprod
+
+    ab = alphas_cumprod()
+    z = toy_model.scene_latent(np.stack([s.render() for s in scenes]))
+    zs, ts = [], []
+    a_src = ab[0]
+    for t in range(1, 20 * steps, 20):
+        t_batch = torch.full((len(z),), float(t))
+        eps = unet(z, timesteps=t_batch, context=context.expand(len(z), -1, -1))
+        z = ab[t].sqrt() * (z - (1 - a_src).sqrt() * eps) / a_src.sqrt() + (1 - ab[t]).sqrt() * eps
+        a_src = ab[t]
+        zs.append(z)
+        ts.append(t_batch)
+    return torch.cat(zs), torch.cat(ts)
+
+
 def train_encoder(unet, seed, steps, batch, lr, log, backward_safe, quiet_share=0.25, seconds=None, save=None,
-                  max_t=MAX_T, objects=OBJECTS, reach=REACH):
+                  max_t=MAX_T, objects=OBJECTS, reach=REACH, inverted_share=0.0, refresh=25):
     """Trains the encoder (input blocks, mid block, conv_in's free rows) to write the ``field_map``
     of the scene its z_t shows (MSE x 100), at timesteps below ``max_t``; ``quiet_share`` of the samples have
     their noise scaled by U(0, 1), as DDIM-inverted latents hold less noise. ``backward_safe``:
     the pack's ``dragnoise.features.backward_safe``. ``objects`` per scene (None: 1-3) and the
     fields' ``reach`` are the world's unless given (the committed encoder's first stages used
-    others, toy/README.md). Returns the EMA state dict and the number of steps taken. ``save(state, step)`` is called every 200 steps."""
+    others, toy/README.md). ``inverted_share`` of each batch comes instead from the latents DDIM
+    inversion through this U-Net visits (``inverted_states`` of ``batch`` fresh scenes every
+    ``refresh`` steps; the decoder must be built): the latents a drag meets are not forward-noised.
+    Returns the EMA state dict and the number of steps taken. ``save(state, step)`` is called every 200 steps."""
     import time
 
     from toy.probe import alphas_cumprod, noised
@@ -205,12 +229,21 @@ def train_encoder(unet, seed, steps, batch, lr, log, backward_safe, quiet_share=
             log(f"encoder: {pace:.2f} s a step, {steps} steps")
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(200, steps // 10 + 1))
-        scenes = [random_scene(rng, objects) for _ in range(batch)]
+        if inverted_share and step % refresh == 0:
+            pool_scenes = [random_scene(rng, objects) for _ in range(batch)]
+            pool_z, pool_t = inverted_states(unet, pool_scenes, context)
+            pool_target = field_map(pool_scenes, reach).repeat(len(pool_z) // batch, 1, 1, 1)
+        inverted = int(round(inverted_share * batch))
+        scenes = [random_scene(rng, objects) for _ in range(batch - inverted)]
         target = field_map(scenes, reach)
         z0 = toy_model.scene_latent(np.stack([s.render() for s in scenes]))
-        t = torch.randint(0, max_t, (batch,))
+        t = torch.randint(0, max_t, (len(scenes),))
         eps = quieted(torch.randn_like(z0), quiet_share)
         zt = noised(z0, eps, ab[t][:, None, None, None])
+        if inverted:
+            pick = torch.from_numpy(rng.choice(len(pool_z), inverted, replace=False))
+            zt, t = torch.cat([zt, pool_z[pick]]), torch.cat([t, pool_t[pick].long()])
+            target = torch.cat([target, pool_target[pick]])
         with backward_safe(unet, "norm inputs"):
             out = encode(unet, zt, t.float(), context.expand(batch, -1, -1))
             loss = 100 * torch.nn.functional.mse_loss(out[:, :FIELDS], target)
@@ -501,6 +534,8 @@ def main(argv=None):
     parser.add_argument("--max-t", type=int, default=MAX_T, help="train on timesteps below this")
     parser.add_argument("--objects", type=int, default=OBJECTS, help="objects per scene (0: 1-3)")
     parser.add_argument("--reach", type=float, default=REACH, help="clip the fields' targets at this")
+    parser.add_argument("--inverted-share", type=float, default=0.0,
+                        help="share of each batch from latents DDIM inversion through this U-Net visits")
     parser.add_argument("--init", help="continue from this weights file's encoder")
     parser.add_argument("--vae-from", default=toy_model.WEIGHTS, help="the VAE to ship (a weights file)")
     parser.add_argument("--threads", type=int, default=2)
@@ -519,8 +554,11 @@ def main(argv=None):
     unet = base.diffusion_model
     if args.init:
         load_encoder(unet, toy_model.read(args.init)[0])
+    else:
+        build_decoder(unet)  # inverted_share's latents go through it
     meta = {"made_by": "toy/set_decoder.py", "seed": args.seed, "batch": args.batch, "lr": args.lr,
-            "max_t": args.max_t, "trained_objects": args.objects or "1-3", "reach": args.reach, "init": args.init or ""}
+            "max_t": args.max_t, "trained_objects": args.objects or "1-3", "reach": args.reach,
+            "inverted_share": args.inverted_share, "init": args.init or ""}
 
     def checkpoint(ema, step):
         trained = build_unet(seed=args.seed).diffusion_model
@@ -530,7 +568,8 @@ def main(argv=None):
 
     ema, steps = train_encoder(unet, args.seed, args.steps, args.batch, args.lr, log, dragnoise.features.backward_safe,
                                seconds=args.minutes * 60 if args.minutes else None, save=checkpoint,
-                               max_t=args.max_t, objects=args.objects or None, reach=args.reach)
+                               max_t=args.max_t, objects=args.objects or None, reach=args.reach,
+                               inverted_share=args.inverted_share)
     unet.load_state_dict(ema)
     save(args.out, unet, vae_state, meta | {"steps": steps})
     log(f"wrote {args.out}")
