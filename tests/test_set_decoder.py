@@ -12,20 +12,9 @@ import torch
 from conftest import REPO
 
 sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's nodes module
+from toy import parametric  # noqa: E402
 from toy import set_decoder as sd  # noqa: E402
 from toy import model as toy_model  # noqa: E402
-
-
-class TrueFields:
-    """``output_block_patch``: the bottleneck's fields replaced by ``values`` [B, FIELDS, 4, 4]."""
-
-    def __init__(self, values):
-        self.values = values
-
-    def __call__(self, h, hsp, transformer_options):
-        if transformer_options.get("block") == ("output", 0):
-            h = torch.cat([self.values.to(h), h[:, sd.FIELDS:]], 1)
-        return h, hsp
 
 
 def scenes(seed, n, n_objects=None):
@@ -54,7 +43,7 @@ def drawn(comfy):
 def run(unet, zt, t, values):
     with torch.no_grad():
         return unet(zt, timesteps=torch.full((len(zt),), float(t)), context=toy_model.default_conditioning().expand(
-            len(zt), -1, -1), transformer_options={"patches": {"output_block_patch": [TrueFields(values)]}})
+            len(zt), -1, -1), transformer_options={"patches": {"output_block_patch": [parametric.ParamBottleneck(values)]}})
 
 
 def test_the_world_gives_each_colour_its_radius_and_the_map_its_fields():

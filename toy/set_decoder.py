@@ -46,7 +46,8 @@ if __name__ == "__main__":  # run as a script: the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toy import model as toy_model  # noqa: E402
-from toy.fields import PALETTE  # noqa: E402
+from toy import fields  # noqa: E402
+from toy.fields import PALETTE, slot_of  # noqa: E402
 
 WIDTHS = (64, 64, 64, 64)
 RADII = (34.0, 40.0, 46.0, 31.0, 37.0, 43.0)  # pixels, one per palette colour
@@ -60,7 +61,7 @@ FIELDS = 2 * SLOTS + 3  # u, v per slot, then the background's three colour chan
 # cells within 110 px of its centre, so the drawing is exact, and the encoder need not count out
 # distances across the whole image.
 REACH = 0.45
-CELL = 64
+CELL = fields.CELL  # image pixels per bottleneck cell
 BILINEAR = torch.outer(torch.tensor([0.25, 0.5, 0.25]), torch.tensor([0.25, 0.5, 0.25]))
 Z_CHANNELS = 16  # conv_in's first 16 outputs are set ([z_c, -z_c, A, -A] per latent channel)
 A_FIELD = 30.0  # anchor of the supervision feature's groups
@@ -82,10 +83,6 @@ def random_scene(rng, n_objects=OBJECTS, size=256):
     return scene(rng, size, n_objects=n_objects, kinds=("disc",), palette=PALETTE, radii=RADII)
 
 
-def slot_of(colour):
-    return int(np.argmin([np.sum(np.subtract(colour, p) ** 2) for p in PALETTE]))
-
-
 def field_map(scenes, reach=REACH):
     """The bottleneck's first ``FIELDS`` channels for ``scenes``: each field at the centres of the
     4x4 cells, u and v clipped at +-``REACH`` (``REACH`` for an absent colour), and the
@@ -103,10 +100,8 @@ def field_map(scenes, reach=REACH):
             k = slot_of(obj.colour)
             out[b, 2 * k] = np.clip((centres[None, :] - obj.center[0]) / UNIT, -reach, reach)
             out[b, 2 * k + 1] = np.clip((centres[:, None] - obj.center[1]) / UNIT, -reach, reach)
-    bare = np.stack([type(s)(s.size, s.background, []).render() for s in scenes])
-    colour = toy_model.scene_latent(bare)[:, :3]
     out = torch.from_numpy(out)
-    out[:, 2 * SLOTS:] = torch.nn.functional.interpolate(colour, size=(side, side), mode="area")
+    out[:, 2 * SLOTS:] = fields.field_map(scenes)[:, 3 * fields.SLOTS:]  # the background, as there
     return out
 
 
@@ -211,7 +206,7 @@ def train_encoder(unet, seed, steps, batch, lr, log, backward_safe, quiet_share=
     import time
 
     from toy.probe import alphas_cumprod, noised
-    from toy.train import lr_at, quieted
+    from toy.train import lr_at, quieted, step_with_ema
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -249,12 +244,7 @@ def train_encoder(unet, seed, steps, batch, lr, log, backward_safe, quiet_share=
             loss = 100 * torch.nn.functional.mse_loss(out[:, :FIELDS], target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+        step_with_ema(unet, opt, ema, min(0.999, (1 + step) / (10 + step)))  # only the encoder has gradients
         if step % 50 == 0 or step == steps - 1:
             uv = ((out[:, :2 * SLOTS] - target[:, :2 * SLOTS]).abs().mean() * UNIT).item()
             log(f"encoder step {step + 1}/{steps}: loss {loss.item():.4f} (u, v off by {uv:.1f} px on average)")
@@ -346,7 +336,6 @@ def build_decoder(unet, sigma_p2=SIGMA_P2):
     """Sets the whole decoder of the toy's ``UNetModel`` (output blocks 0-11 and the output head)
     to draw the bottleneck's fields and predict the noise from that drawing and z_t (the module
     docstring), and freezes it. Returns the time fit's largest relative error."""
-    from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
 
     blocks = unet.output_blocks
@@ -364,10 +353,6 @@ def build_decoder(unet, sigma_p2=SIGMA_P2):
                 if i == 0:
                     module.skip_connection.weight[FIELDS, FIELDS, 0, 0] = 0
                     module.skip_connection.bias[FIELDS] = 1
-                for norm in (module.in_layers[0], module.out_layers[0]):
-                    norm.weight.fill_(1)
-            elif isinstance(module, SpatialTransformer):
-                module.norm.weight.fill_(1)
             elif isinstance(module, Upsample):
                 conv = module.conv
                 for f in range(carried):
@@ -459,13 +444,11 @@ def build_decoder(unet, sigma_p2=SIGMA_P2):
         norm1.weight[4 * c] = norm1.weight[4 * c + 1] = (A_BIG if c < 3 else ABS_SCALE * A_BIG) / sqrt2
         for out, src in ((4 * c, 64 + 4 * c), (4 * c + 2, 4 * c)):
             if out == 4 * c + 2 and c == 3:
-                minus = contrast / ABS_SCALE  # silu(a E) + silu(-a E) ~ a |E|
+                pos, neg = (contrast / ABS_SCALE,) * 2  # silu(a E) + silu(-a E) ~ a |E|
             else:
-                minus = -1.0  # silu(x) - silu(-x) = x
-            conv1.weight[out, src, 1, 1] = 1 if minus < 0 else minus
-            conv1.weight[out, src + 1, 1, 1] = minus
-            conv1.weight[out + 1, src, 1, 1] = -conv1.weight[out, src, 1, 1]
-            conv1.weight[out + 1, src + 1, 1, 1] = -minus
+                pos, neg = 1.0, -1.0  # silu(x) - silu(-x) = x
+            conv1.weight[out, src, 1, 1], conv1.weight[out, src + 1, 1, 1] = pos, neg
+            conv1.weight[out + 1, src, 1, 1], conv1.weight[out + 1, src + 1, 1, 1] = -pos, -neg
         norm2.weight[4 * c:4 * c + 4] = 1
         for out, sign in ((4 * c, 1), (4 * c + 2, -1)):
             conv2.weight[out, 4 * c, 1, 1] = sign * TIME_GAIN
