@@ -152,18 +152,29 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=60)
     parser.add_argument("--max-steps", type=int, default=80)
-    parser.add_argument("--halt-step", type=int, default=10)
+    parser.add_argument("--halt-step", type=int,
+                        help="Propagated Sampler's halt_step (default: the demo's for the model, toy/demo.py)")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--out", help="write every case's numbers and the table here (JSON)")
     parser.add_argument("--weights", help="another toy model file (default: the committed one)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--mask-lambda", type=float, default=0.1, help="Bottleneck Optimize's mask_lambda")
-    parser.add_argument("--mask-when-empty", default="regularize whole image",
-                        help="Bottleneck Optimize's mask_when_empty for the cases without a mask")
+    parser.add_argument("--mask-lambda", type=float,
+                        help="Bottleneck Optimize's mask_lambda (default: 0.1; 0 on a set-decoder model, whose "
+                             "drag any mask loss stops, toy/FINDINGS.md)")
+    parser.add_argument("--mask-when-empty",
+                        help="Bottleneck Optimize's mask_when_empty for the cases without a mask (default: the demo's)")
     parser.add_argument("--quick", action="store_true", help="2 cases, 3 steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.cases, args.max_steps = 2, 3
+    from toy import demo
+    from toy import model as toy_model
+
+    weights = args.weights or toy_model.WEIGHTS
+    set_decoder = toy_model.metadata(weights).get("decoder") == "set"
+    args.halt_step = demo.default_halt_step(weights) if args.halt_step is None else args.halt_step
+    args.mask_lambda = (0.0 if set_decoder else 0.1) if args.mask_lambda is None else args.mask_lambda
+    args.mask_when_empty = args.mask_when_empty or demo.mask_when_empty(weights)
     import torch
 
     if args.threads:
@@ -172,9 +183,6 @@ def main(argv=None):
                     args.mask_lambda, args.mask_when_empty)
     rows = []
     start = time.time()
-    from toy import model as toy_model
-
-    weights = args.weights or toy_model.WEIGHTS
     shaded, size = toy_model.trained_on_shaded(weights), toy_model.image_size(weights)
     for i, case in enumerate(make_cases(args.cases, args.seed, size, shaded, toy_model.scene_kinds(weights),
                                          toy_model.scene_palette(weights), toy_model.scene_radii(weights),

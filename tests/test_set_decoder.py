@@ -58,10 +58,51 @@ def test_the_world_gives_each_colour_its_radius_and_the_map_its_fields():
         used = {sd.slot_of(o.colour) for o in scene.objects}
         for obj in scene.objects:
             k = sd.slot_of(obj.colour)
-            assert (cells[2 * k] * sd.UNIT - (centres[None, :] - obj.center[0]).clamp(-115.2, 115.2)).abs().max() < 1e-3
-            assert (cells[2 * k + 1] * sd.UNIT - (centres[:, None] - obj.center[1]).clamp(-115.2, 115.2)).abs().max() < 1e-3
+            assert (cells[2 * k] * sd.UNIT - (centres[None, :] - obj.center[0])).abs().max() < 1e-3
+            assert (cells[2 * k + 1] * sd.UNIT - (centres[:, None] - obj.center[1])).abs().max() < 1e-3
         for k in set(range(sd.SLOTS)) - used:
             assert torch.all(cells[2 * k:2 * k + 2] == sd.REACH)
+
+
+def test_the_decoder_reads_each_field_rigidly(drawn):
+    """Blocks 0-1 read each u (v) field by its mean over the cells, and block 8 lays out that mean
+    plus the exact x (y) ramp of its pixels: a true map comes out as the true fields at every
+    latent pixel, to the border; an absent colour's disc lies far off the image; and an uneven
+    change of the cells moves the read field by the change's mean, the same everywhere."""
+    unet, _, _ = drawn
+    seen = {}
+    hooks = [unet.output_blocks[i][j].register_forward_hook(
+        lambda m, a, out, i=i: seen.__setitem__(i, out.detach().clone())) for i, j in ((1, 0), (8, -1))]
+    batch = scenes(5, 6, n_objects=1)
+    z0 = toy_model.scene_latent(np.stack([s.render() for s in batch]))
+    values = sd.field_map(batch)
+    try:
+        run(unet, z0, 300, values)
+        means, feature = seen[1][:, :sd.FIELDS + 3], seen[8][:, 0:4 * sd.FIELDS:4]
+        change = torch.randn(values.shape, generator=torch.Generator().manual_seed(0)) * 0.1
+        run(unet, z0, 300, values + change)
+        moved = seen[1][:, :2 * sd.SLOTS]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ramp = sd.RAMP_CELLS.float()
+    assert (means[:, sd.FIELDS + 1] - ramp[None, None, :]).abs().max() < 1e-5
+    assert (means[:, sd.FIELDS + 2] - ramp[None, :, None]).abs().max() < 1e-5
+    pixels = (torch.arange(32) + 0.5) * 8
+    for scene, cells, read, fields in zip(batch, values, means, feature):
+        k = sd.slot_of(scene.objects[0].colour)
+        assert (read[2 * k:2 * k + 2] - cells[2 * k:2 * k + 2].mean((1, 2))[:, None, None]).abs().max() * sd.UNIT < 0.3
+        assert (read[2 * sd.SLOTS:sd.FIELDS] - cells[2 * sd.SLOTS:]).abs().max() < 1e-4  # the background
+        # the supervision feature holds u = (x - cx) / 256 at every latent pixel, the border's too
+        cx, cy = scene.objects[0].center
+        assert ((fields[2 * k] - (pixels[None, :] - cx) / sd.UNIT).abs().max() * sd.UNIT) < 0.5
+        assert ((fields[2 * k + 1] - (pixels[:, None] - cy) / sd.UNIT).abs().max() * sd.UNIT) < 0.5
+        for absent in set(range(sd.SLOTS)) - {k}:  # its disc's centre 384 px off, and no tilt
+            assert (read[2 * absent] - sd.REACH).abs().max() * sd.UNIT < 3
+            assert (read[2 * absent:2 * absent + 2].amax((1, 2)) - read[2 * absent:2 * absent + 2].amin(
+                (1, 2))).max() * sd.UNIT < 0.2
+    shift = (moved - means[:, :2 * sd.SLOTS]) - change[:, :2 * sd.SLOTS].mean((2, 3), keepdim=True)
+    assert shift.abs().max() * sd.UNIT < 0.5 and change[:, :2 * sd.SLOTS].std() * sd.UNIT > 20
 
 
 def test_the_decoder_draws_the_discs_and_colours_its_fields_say(drawn):
@@ -161,8 +202,14 @@ def test_the_weights_file_holds_the_encoder_and_loads_with_the_decoder_built(tmp
     assert toy_model.widths(str(path)) == sd.WIDTHS and toy_model.scene_palette(str(path)) == sd.PALETTE
     from toy import demo
 
-    assert demo.mask_when_empty(str(path)) == "skip mask loss"  # the demo paints no mask (FINDINGS.md)
-    assert demo.mask_when_empty() == "regularize whole image"  # the committed, trained model
+    # the demo paints no mask, and substitutes to the end (FINDINGS.md); the committed model is one
+    assert demo.mask_when_empty(str(path)) == demo.mask_when_empty() == "skip mask loss"
+    assert demo.default_halt_step(str(path)) == demo.default_halt_step() == 0
+    import safetensors.torch
+
+    trained = tmp_path / "trained.safetensors"  # a trained model's file: the paper's settings
+    safetensors.torch.save_file({"x": torch.zeros(1)}, str(trained), metadata={"made_by": "toy/train.py"})
+    assert demo.mask_when_empty(str(trained)) == "regularize whole image" and demo.default_halt_step(str(trained)) == 10
     model, _, _ = toy_model.load(str(path))
     loaded = model.model.diffusion_model
     batch = scenes(5, 2)

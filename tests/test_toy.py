@@ -1,6 +1,7 @@
 """The toy world: scenes and their scoring, the trained toy model, its training script, the demo
 and the quality benchmark."""
 
+import copy
 import json
 import os
 import re
@@ -143,6 +144,26 @@ def toy(comfy):
         return toy_model.load()
 
 
+@pytest.fixture(scope="module")
+def trained_kind(comfy):
+    """(MODEL, VAE, CONDITIONING) of a model of the kind ``train.py`` trains (seeded random U-Net
+    weights, the committed VAE): its tools (propagation states, bottleneck rescaling) are for
+    those; the committed model's decoder is set by code and rides on large constants."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    base = toy_model.build_unet(seed=0)
+    with torch.no_grad():  # its seeded init zeroes the output layers, as SD's does: make them all count
+        generator = torch.Generator().manual_seed(0)
+        for p in base.diffusion_model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    base.eval()
+    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                             offload_device=comfy.model_management.unet_offload_device())
+    _, vae, positive = toy_model.load()
+    return model, vae, positive
+
+
 def test_committed_weights_were_made_by_the_training_script():
     import safetensors
 
@@ -151,15 +172,16 @@ def test_committed_weights_were_made_by_the_training_script():
     assert size < 20e6
     with safetensors.safe_open(toy_model.WEIGHTS, "pt") as f:
         meta = f.metadata()
-    assert meta["made_by"] == "toy/train.py" and int(meta["unet_steps"]) > 100
+    # toy/set_decoder.py: the encoder trained, the decoder set by code (toy/README.md has the commands)
+    assert meta["made_by"] == "toy/set_decoder.py" and meta["decoder"] == "set" and int(meta["steps"]) > 100
 
 
 def test_toy_model_is_sd15_type_and_its_vae_encodes_the_scene_latent(toy, comfy):
     model, vae, cond = toy
     check = pack_module("dragnoise.model_check")
     unet = check.sd15_unet(model)
-    assert unet.model_channels == 32 and len(unet.output_blocks) == 12
-    assert {m.heads for m in unet.modules() if hasattr(m, "heads")} == {8}  # SD1.5's; the file records none
+    assert unet.model_channels == 64 and len(unet.output_blocks) == 12
+    assert {m.heads for m in unet.modules() if hasattr(m, "heads")} == {1}  # the set decoder's
     scene = a_scene(5)
     image = torch.from_numpy(scene.render())[None]
     with torch.inference_mode():
@@ -299,7 +321,7 @@ def test_pointwise_top_reads_z_t_one_pixel_at_a_time(tmp_path, comfy):
         assert (neighbours < 0.05 * own) == pointwise, (path, own, neighbours)
 
 
-def test_propagation_states_are_the_packs_inversion_and_propagation(toy, comfy):
+def test_propagation_states_are_the_packs_inversion_and_propagation(trained_kind, comfy):
     """What --chain-steps trains on must be what a drag visits: on the bare U-Net,
     train.propagation_states gives the pack's DDIM inversion, edit-step bottleneck and propagated
     output (the truly moved scene's bottleneck substituted down to the halt step)."""
@@ -308,7 +330,7 @@ def test_propagation_states_are_the_packs_inversion_and_propagation(toy, comfy):
     from toy import probe
     from toy.train import propagation_states
 
-    model, vae, positive = toy
+    model, vae, positive = trained_kind
     dragnoise = pack_module("dragnoise")
     scene, index, moved = scenes.moved_pair(np.random.default_rng(5), toy_model.IMAGE_SIZE)
     za, zb = (toy_model.scene_latent(s.render()[None]) for s in (scene, moved))
@@ -394,11 +416,11 @@ def test_bottleneck_scale_keeps_the_bottlenecks_mean_square():
     assert out is h and torch.allclose(scale.mean_square, torch.tensor([4.0, 9.0]))
 
 
-def test_rescaling_the_bottleneck_changes_nothing_else(comfy):
+def test_rescaling_the_bottleneck_changes_nothing_else(trained_kind):
     from toy import probe
 
     with torch.inference_mode():
-        unet = toy_model.load()[0].model.diffusion_model
+        unet = copy.deepcopy(trained_kind[0].model.diffusion_model)
         z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
         run = lambda: unet(z, timesteps=torch.tensor([681.0, 200.0]), context=toy_model.default_conditioning().expand(2, -1, -1))
         before, rms = run(), probe.bottleneck_rms(unet)
@@ -406,42 +428,6 @@ def test_rescaling_the_bottleneck_changes_nothing_else(comfy):
         after = run()
         assert probe.bottleneck_rms(unet) == pytest.approx(0.1 * rms, rel=1e-4)
     assert (after - before).abs().max() < 1e-4 * before.abs().max()
-
-
-def test_committed_model_takes_little_of_its_layout_from_the_bottleneck(toy, comfy):
-    """What toy/FINDINGS.md says of the committed weights (and why the demo's drag does not move
-    the object): retrained with --moved-pairs, these numbers and that xfail change together."""
-    from toy import probe
-
-    model, vae, positive = toy
-    with torch.inference_mode():
-        share = probe.bottleneck_share(model.model.diffusion_model, cases=4)
-    assert -0.1 < share < 0.1, share
-    dragnoise = pack_module("dragnoise")
-    (truth,) = probe.truth_substitution(dragnoise, model, vae, positive, cases=1)
-    assert abs(truth["moved_fraction"]) < 0.2, truth
-    assert truth["overlap"] < 0.5, truth  # so not the drag the demo test asks for either
-    # A drag of length zero costs nothing on it: the decoder does not read the bottleneck, so
-    # substituting its own changes next to nothing (on the one-head models of FINDINGS.md it
-    # takes the object's colour error from 8 to 17-26 / 255).
-    (zero,) = probe.zero_drag_cost(dragnoise, model, vae, positive, cases=1)
-    assert abs(zero["object"][1] - zero["object"][0]) < 2 and abs(zero["elsewhere"][1] - zero["elsewhere"][0]) < 1, zero
-    assert 0 < zero["object"][0] < 30, zero
-    # From Gaussian noise instead of the inverted latent (the model must generate): another picture.
-    (generated,) = probe.truth_substitution(dragnoise, model, vae, positive, cases=1, forward_noised=True)
-    assert generated["overlap"] < 0.5 and generated["object_mae"] != truth["object_mae"], (generated, truth)
-    # The motion loss's gradient does not head for the moved scene's bottleneck (0.15-0.45 on the
-    # --moved-interpolate model of toy/FINDINGS.md).
-    (alignment,) = probe.motion_alignment(dragnoise, model, vae, positive, radii=(1, 12), cases=1)
-    assert len(alignment) == 2 and all(abs(c) < 0.1 for c in alignment), alignment
-    # Matching the moved scene's whole supervision feature gets what its bottleneck gets (on the
-    # --moved-lag model of toy/FINDINGS.md too, there 88%, 61%, 12%), and asking A's own feature
-    # to be at the moved footprint does not move this model's object either.
-    matched, shifted = (probe.feature_match(dragnoise, model, vae, positive, target, cases=1, steps=100)[0]
-                        for target in ("moved", "shifted"))
-    assert matched["loss"][1] < 0.6 * matched["loss"][0], matched
-    assert abs(matched["moved_fraction"] - truth["moved_fraction"]) < 0.1, (matched, truth)
-    assert shifted["loss"][1] < shifted["loss"][0] and abs(shifted["moved_fraction"]) < 0.2, shifted
 
 
 @pytest.fixture(scope="module")
@@ -463,8 +449,6 @@ def test_demo_writes_its_pictures_and_report(demo_report):
     assert report["change_outside_mae"] < 8, report
 
 
-@pytest.mark.xfail(strict=True, reason="no toy model yet on which Bottleneck Optimize moves the object "
-                   "(toy/FINDINGS.md, 'The decoder's skips'): issue 6 stays open until one does")
 def test_demo_moves_the_object_most_of_the_way(demo_report):
     from toy import demo
 

@@ -21,7 +21,16 @@ class ToyModelLoader:
     DESCRIPTION = "The small SD1.5-architecture model trained on synthetic scenes (toy/README.md)."
 
     def load(self):
-        from . import model
+        import sys
+        from pathlib import Path
+
+        # The toy's modules import one another as ``toy.*`` (the set decoder's builder too); here
+        # this folder is loaded under ComfyUI's custom-node name, so make ``toy`` importable. Last on
+        # the path: the repository's nodes/ must not shadow ComfyUI's nodes module.
+        repo = str(Path(__file__).resolve().parents[1])
+        if repo not in sys.path:
+            sys.path.append(repo)
+        from toy import model
 
         return model.load()
 

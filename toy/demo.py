@@ -47,6 +47,16 @@ def mask_when_empty(path=None):
         else "regularize whole image"
 
 
+def default_halt_step(path=None):
+    """Propagated Sampler's ``halt_step`` for the committed model: the paper's 10 on the trained
+    models; on a set decoder 0, substituting the optimized bottleneck to the end. Its drawing is
+    exactly what its bottleneck says, and in the last ten steps without it the encoder re-reads a
+    z_t that still holds the faint ghost of where the object was (toy/FINDINGS.md, "A rigid read")."""
+    from toy import model as toy_model
+
+    return 0 if toy_model.metadata(path or toy_model.WEIGHTS).get("decoder") == "set" else 10
+
+
 def demo_case(seed=DEMO_SEED, drag=DEMO_DRAG):
     """(scene, object index, handle (x, y), target (x, y)): the handle on the object's centre;
     shaded objects, the kinds of object and their colours as the committed model was trained on."""
@@ -56,9 +66,10 @@ def demo_case(seed=DEMO_SEED, drag=DEMO_DRAG):
     return scene, 0, handle, (handle[0] + drag[0], handle[1] + drag[1])
 
 
-def drag_prompt(image_name, handle, target, max_steps=80, halt_step=10):
+def drag_prompt(image_name, handle, target, max_steps=80, halt_step=None):
     """The API-format prompt of the demo graph (node ids are stable: tests read them)."""
     points = json.dumps([{"handle": [round(v, 1) for v in handle], "target": [round(v, 1) for v in target]}])
+    halt_step = default_halt_step() if halt_step is None else halt_step
     return {
         "model": {"class_type": "DragNoiseToyModel", "inputs": {}},
         "image": {"class_type": "LoadImage", "inputs": {"image": image_name}},
@@ -80,7 +91,7 @@ def drag_prompt(image_name, handle, target, max_steps=80, halt_step=10):
     }
 
 
-def run(client, out, max_steps=80, halt_step=10):
+def run(client, out, max_steps=80, halt_step=None):
     """Runs the demo against a ComfyUI server (``ComfyClient``) and writes its files to ``out``.
 
     Returns:
@@ -93,6 +104,7 @@ def run(client, out, max_steps=80, halt_step=10):
     source_image = Image.fromarray((source * 255).round().astype(np.uint8))
     source_image.save(out / "source.png")
     name = client.upload_image(source_image, "dragnoise_demo_source.png")
+    halt_step = default_halt_step() if halt_step is None else halt_step
     start = time.time()
     outputs = client.run(drag_prompt(name, handle, target, max_steps, halt_step))
     seconds = time.time() - start
@@ -156,7 +168,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(REPO / "out" / "demo"), help="output folder")
     parser.add_argument("--url", help="a running ComfyUI with this pack and toy/ in its custom_nodes")
     parser.add_argument("--max-steps", type=int, default=80)
-    parser.add_argument("--halt-step", type=int, default=10)
+    parser.add_argument("--halt-step", type=int, help="Propagated Sampler's halt step (default: default_halt_step())")
     args = parser.parse_args(argv)
     start = time.time()
     if args.url:

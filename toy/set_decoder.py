@@ -17,15 +17,21 @@ and ``silu(x) - silu(-x) = x`` makes a pair of SiLUs exactly linear.
 The world: one disc per scene (``OBJECTS``), of one of the six ``fields.PALETTE`` colours, each
 colour with its own radius (``RADII``), on a gradient background. The bottleneck's first
 ``FIELDS`` channels hold, at the 4x4 cells' centres, u = (x - cx) / 256 and v = (y - cy) / 256
-of each colour's disc (clipped at ``REACH``; ``REACH`` where the colour is absent) and the
-background's colour (model units);
+of each colour's disc (``REACH`` where the colour is absent) and the background's colour (model
+units);
 the encoder is trained to write them (``train_encoder``), the decoder is set (``build_decoder``):
 
-- output blocks 0-8 carry the fields up to the supervision feature, bilinearly upsampled, laid out
-  ``[f, -f, A, -A]``: the pack's motion loss and tracking see the fields themselves; block 0 adds
-  a constant whose upsampling, B, is the zero padding's pull toward 0 near the border;
-- block 9 computes each disc's inside test ``B^2 - (Q(u) + Q(v)) / Q(rho)`` (Q a SiLU square),
-  its coverage (a ramp of one latent pixel at the sign change) and its edge;
+- output blocks 0 and 1 read each u (v) field *rigidly*: its mean over the 16 cells
+  (``set_rigid_read``), so the disc is drawn where the fields say on average and moves as one
+  piece however unevenly a drag changes the cells (Adam moves every cell the motion loss reaches
+  by about its learning rate, and a per-cell read drew a stretched disc);
+- output blocks 2-8 carry the means and a constant 1 up by repetition and the x and y ramps as
+  exact ramps at every level (``_ramp_upsample``), so nothing is pulled at the border, and lay
+  out u = x ramp + mean (v alike) and the background (bilinearly upsampled) as ``[f, -f, A, -A]``
+  at the supervision feature: the pack's motion loss and tracking see the rigid fields themselves;
+- block 9 computes each disc's inside test ``B^2 - (Q(u) + Q(v)) / Q(rho)`` (Q a SiLU square; B the
+  carried constant, which once was the zero padding's pull and is now 1), its coverage (a ramp of
+  one latent pixel at the sign change) and its edge;
 - block 10 the colour: background where no disc covers, the disc's colour where one does (the
   background times the coverage as a difference of SiLU squares), and the edges' contrast;
 - block 11 and the output head the noise: ``G1(t) (z - mean z) - G2(t) (x0 - mean x0)`` with x0
@@ -57,10 +63,10 @@ OBJECTS = 1
 SLOTS = len(PALETTE)
 UNIT = 256.0  # pixels per field unit: Bottleneck Optimize's Adam (lr 0.01) moves a field 2.6 px a step
 FIELDS = 2 * SLOTS + 3  # u, v per slot, then the background's three colour channels
-# u and v are clipped at this many units (115 px): every latent pixel a disc covers interpolates
-# cells within 110 px of its centre, so the drawing is exact, and the encoder need not count out
-# distances across the whole image.
-REACH = 0.45
+# An absent colour's u and v (units): its disc's centre then lies 384 px above and left of the
+# image, out of sight even after a long drag. A present disc's fields are never clipped (at most
+# 0.875 units): the decoder reads their mean over the cells (``set_rigid_read``).
+REACH = 2.0
 CELL = fields.CELL  # image pixels per bottleneck cell
 BILINEAR = torch.outer(torch.tensor([0.25, 0.5, 0.25]), torch.tensor([0.25, 0.5, 0.25]))
 Z_CHANNELS = 16  # conv_in's first 16 outputs are set ([z_c, -z_c, A, -A] per latent channel)
@@ -71,6 +77,7 @@ A_BIG = 300.0  # anchor of x0's groups, read by block 11
 # lower, the longer it trusts the drawing over z_t, and the more of the drawing's errors DDIM
 # inversion writes into the inverted latent (0.05 wrecked reconstructions; FINDINGS.md).
 SIGMA_P2 = 0.3
+MEAN_WEIGHT = 16.0  # of the loss on the fields' means over the cells, next to the per-cell loss
 # The encoder trains below this timestep: a drag inverts to 681 (inversion strength 0.7), and
 # above it z_t shows too little of a disc to place it, so those samples only add noise.
 MAX_T = 720
@@ -85,8 +92,8 @@ def random_scene(rng, n_objects=OBJECTS, size=256):
 
 def field_map(scenes, reach=REACH):
     """The bottleneck's first ``FIELDS`` channels for ``scenes``: each field at the centres of the
-    4x4 cells, u and v clipped at +-``REACH`` (``REACH`` for an absent colour), and the
-    background's colour (its mean over the cell).
+    4x4 cells, u and v clipped at +-``reach`` (which ``REACH`` never reaches; ``reach`` for an
+    absent colour), and the background's colour (its mean over the cell).
 
     Returns:
         [B, FIELDS, S/64, S/64] float32.
@@ -242,12 +249,17 @@ def train_encoder(unet, seed, steps, batch, lr, log, backward_safe, quiet_share=
         with backward_safe(unet, "norm inputs"):
             out = encode(unet, zt, t.float(), context.expand(batch, -1, -1))
             loss = 100 * torch.nn.functional.mse_loss(out[:, :FIELDS], target)
+            # The decoder reads u and v by their means over the cells: hold those most of all.
+            loss = loss + 100 * MEAN_WEIGHT * torch.nn.functional.mse_loss(
+                out[:, :2 * SLOTS].mean((2, 3)), target[:, :2 * SLOTS].mean((2, 3)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
         step_with_ema(unet, opt, ema, min(0.999, (1 + step) / (10 + step)))  # only the encoder has gradients
         if step % 50 == 0 or step == steps - 1:
             uv = ((out[:, :2 * SLOTS] - target[:, :2 * SLOTS]).abs().mean() * UNIT).item()
-            log(f"encoder step {step + 1}/{steps}: loss {loss.item():.4f} (u, v off by {uv:.1f} px on average)")
+            means = ((out[:, :2 * SLOTS] - target[:, :2 * SLOTS]).mean((2, 3)).abs().mean() * UNIT).item()
+            log(f"encoder step {step + 1}/{steps}: loss {loss.item():.4f} (u, v off by {uv:.1f} px on average, "
+                f"their means by {means:.1f} px)")
         if save and (step + 1) % 200 == 0:
             save(ema, step + 1)
         step += 1
@@ -330,6 +342,144 @@ def _q(s, a):
     s = torch.as_tensor(float(s))
     return float(2 / a ** 2 * (torch.nn.functional.silu(a * s) + torch.nn.functional.silu(-a * s)))
 
+# The rigid read's constants (``set_rigid_read``).
+RAMP_CELLS = (torch.arange(4, dtype=torch.float64) * CELL + CELL / 2 - 128) / UNIT  # cell centres, centred
+L_EXTRACT = 1000.0  # amplitude of the ramps in block 0's extractor groups
+G_EXTRACT = 1e-3  # block 1's first-norm gain on them: its SiLU then bends the mean by under 0.2%
+L_CARRY = 1000.0  # amplitude of the ramp that carries each mean through block 1's second norm
+
+
+def _ramp_taps(edge):
+    """[2, 3]: the weights on (silu(e), silu(-e)) at the taps dx = -1, 0, 1 whose zero-padded
+    correlation is ``RAMP_CELLS``, for ``edge`` [4] the normalized edge pattern e along one axis."""
+    silu = torch.nn.functional.silu
+    patterns = (silu(edge), silu(-edge))
+
+    def shifted(p, d):
+        return torch.stack([p[i + d] if 0 <= i + d < 4 else p.new_zeros(()) for i in range(4)])
+
+    basis = torch.stack([shifted(p, d) for p in patterns for d in (-1, 0, 1)], 1)
+    taps = torch.linalg.pinv(basis) @ RAMP_CELLS
+    if not torch.allclose(basis @ taps, RAMP_CELLS, atol=1e-9):
+        raise RuntimeError("the ramp is not in the span of the edge patterns")
+    return taps.view(2, 3)
+
+
+@torch.no_grad()
+def _ramp_upsample(conv, out, ramp, axis, side, gain):
+    """Adds to ``conv`` (an ``Upsample``'s: after a nearest x2 to ``side`` pixels) the taps that
+    turn channel ``ramp``, the exact ramp of the level below (x for ``axis`` 0, y for 1), into
+    ``gain`` times the exact ramp at ``side``: the bilinear taps along the axis, and at the two
+    border rows (columns) the part the zero padding drops, (1/4) of the ramp one pixel beyond,
+    from channel ``FIELDS`` (a constant 1): its bias and a tap on that neighbour (0 beyond the border)."""
+    below = ((torch.arange(side // 2, dtype=torch.float64) + 0.5) * (2 * 256 / side) - 128) / UNIT
+    step = float(below[1] - below[0])
+    lost_low, lost_high = 0.25 * float(below[0] - step), 0.25 * float(below[-1] + step)
+    for j, w in enumerate((0.25, 0.5, 0.25)):
+        if axis == 0:
+            conv.weight[out, ramp, 1, j] += gain * w
+        else:
+            conv.weight[out, ramp, j, 1] += gain * w
+    low, high = ((1, 0), (1, 2)) if axis == 0 else ((0, 1), (2, 1))
+    conv.bias[out] += gain * (lost_low + lost_high)
+    conv.weight[out, FIELDS, low[0], low[1]] -= gain * lost_low
+    conv.weight[out, FIELDS, high[0], high[1]] -= gain * lost_high
+
+
+@torch.no_grad()
+def set_rigid_read(unet):
+    """Sets output blocks 0 and 1 (4x4 cells) so that block 1's output holds, in channel f < 2 SLOTS,
+    each u (v) field's mean over the cells plus the ramp of the cells' x (y): the field a disc at
+    the mean centre would have; then the background's colour and a constant 1 (channel FIELDS).
+
+    GroupNorm keeps a mean only where its group also holds a large zero-mean pattern: the group's
+    mean is then (field mean) / 4 and its spread is the pattern's to second order, so the
+    pattern's normalized output carries the field's mean at every cell. Here:
+
+    - block 0 makes edge patterns from a constant (a norm bias, then zero-padded taps), the ramps
+      from them (``_ramp_taps``), and lays out each field as the group
+      ``[f, L rx, -L rx, L ry]``, next to a pure group ``[L rx, -L rx, L ry, -L ry]``;
+    - block 1's first norm reads each group's ``L rx`` and ``-L rx`` at a small gain (its SiLU
+      near-linear) and the pure group's at a matched gain; the difference of their SiLUs' sums is
+      the mean, with the same gain at every cell; the mean rides through the second norm as
+      ``[m + L rx, -(m + L rx)]`` and ``[m - L rx, -(m - L rx)]`` (``[s, -s]`` normalizes to
+      s / rms(s), and both rms are the ramp's to second order), whose sum drops the ramp. Any
+      tilt of the read matters: the tracking follows the absent colours' fields too.
+
+    Exact to about 0.1 px for fields of up to ``REACH`` units (tests/test_set_decoder.py)."""
+    blocks = unet.output_blocks
+    fields = 2 * SLOTS
+    silu = torch.nn.functional.silu
+    r_ms = float((RAMP_CELLS ** 2).mean())
+    for block in (blocks[0], blocks[1]):
+        for p in block.parameters():
+            p.zero_()
+    # Block 0. Channel 0 of norm1 is the constant silu(1); conv1's taps turn it into the edges
+    # E = [-1, 0, 0, 1] c along x (channels 0, 1: E, -E) and y (2, 3); norm2 makes them E / rms.
+    res = blocks[0][0]
+    norm1, conv1, norm2, conv2 = res.in_layers[0], res.in_layers[2], res.out_layers[0], res.out_layers[3]
+    skip = res.skip_connection
+    norm1.bias[0] = 1.0
+    for out, sign in ((0, 1), (1, -1)):
+        conv1.weight[out, 0, 1, 0], conv1.weight[out, 0, 1, 2] = sign, -sign
+        conv1.weight[out + 2, 0, 0, 1], conv1.weight[out + 2, 0, 2, 1] = sign, -sign
+    norm2.weight[:4] = 1
+    edge = torch.tensor([-1.0, 0, 0, 1], dtype=torch.float64) * float(silu(torch.tensor(1.0)))
+    taps = _ramp_taps(edge / (edge.pow(2).mean() + norm2.eps).sqrt())
+
+    def ramp(out, axis, gain):
+        for ch in range(2):
+            for j in range(3):
+                if axis == 0:
+                    conv2.weight[out, ch, 1, j] += gain * float(taps[ch, j])
+                else:
+                    conv2.weight[out, 2 + ch, j, 1] += gain * float(taps[ch, j])
+
+    extract, rx, ry, background, constant, pure = 0, 4 * fields, 4 * fields + 1, 4 * fields + 2, 4 * fields + 5, 56
+    for f in range(fields):
+        skip.weight[extract + 4 * f, f, 0, 0] = 1
+        for j, axis, sign in ((1, 0, 1), (2, 0, -1), (3, 1, 1)):
+            ramp(extract + 4 * f + j, axis, sign * L_EXTRACT)
+    ramp(rx, 0, 1.0)
+    ramp(ry, 1, 1.0)
+    for c in range(3):
+        skip.weight[background + c, fields + c, 0, 0] = 1
+    skip.bias[constant] = 1
+    for j, (axis, gain) in enumerate(((0, L_EXTRACT), (0, -L_EXTRACT), (1, L_EXTRACT), (1, -L_EXTRACT))):
+        ramp(pure + j, axis, gain)
+    # Block 1. The extractor's normalized ramp is G (L rx - m / 4) / s, s = L sqrt(3 r_ms / 4) to
+    # second order; the pure group's, read at a matched gain, G L rx / s.
+    res = blocks[1][0]
+    norm1, conv1, norm2, conv2 = res.in_layers[0], res.in_layers[2], res.out_layers[0], res.out_layers[3]
+    skip = res.skip_connection
+    spread = L_EXTRACT * (3 * r_ms / 4) ** 0.5
+    gain_pure = G_EXTRACT * r_ms ** 0.5 * L_EXTRACT / spread
+    for f in range(fields):
+        norm1.weight[extract + 4 * f + 1] = norm1.weight[extract + 4 * f + 2] = G_EXTRACT
+    norm1.weight[pure] = norm1.weight[pure + 1] = gain_pure
+    # silu(a - d) + silu(-a - d) - silu(a) - silu(-a) = -d to second order, as silu'(a) + silu'(-a) = 1:
+    # reading the group's ramp and its negative makes the mean's gain the same at every cell.
+    mean_gain = -4 * spread / G_EXTRACT
+    carry_gain = L_CARRY * r_ms ** 0.5 / gain_pure  # (silu(y) - silu(-y)) of the pure pair -> L_CARRY rx
+    # Per field the pairs [s+, -s+] and [s-, -s-], s+- = m +- L_CARRY rx: each normalizes to s / rms
+    # with the same rms, so their sum is 2 m / rms at every cell (one pair alone tilted m by
+    # rx m^2 / (2 L_CARRY r_ms)).
+    for f in range(fields):
+        for out, sign, ramp_sign in ((4 * f, 1, 1), (4 * f + 1, -1, 1), (4 * f + 2, 1, -1), (4 * f + 3, -1, -1)):
+            for ch in (extract + 4 * f + 1, extract + 4 * f + 2):
+                conv1.weight[out, ch, 1, 1] = sign * mean_gain
+            conv1.weight[out, pure, 1, 1] = -sign * mean_gain + sign * ramp_sign * carry_gain
+            conv1.weight[out, pure + 1, 1, 1] = -sign * mean_gain - sign * ramp_sign * carry_gain
+    norm2.weight[:4 * fields] = 1
+    carried_rms = L_CARRY * r_ms ** 0.5
+    for f in range(fields):
+        for ch, sign in ((4 * f, 1), (4 * f + 1, -1), (4 * f + 2, 1), (4 * f + 3, -1)):
+            conv2.weight[f, ch, 1, 1] = sign * carried_rms / 2
+    for c in range(3):
+        skip.weight[fields + c, background + c, 0, 0] = 1
+    skip.weight[FIELDS, constant, 0, 0] = 1
+    skip.weight[FIELDS + 1, rx, 0, 0] = skip.weight[FIELDS + 2, ry, 0, 0] = 1
+
 
 @torch.no_grad()
 def build_decoder(unet, sigma_p2=SIGMA_P2):
@@ -342,27 +492,40 @@ def build_decoder(unet, sigma_p2=SIGMA_P2):
     for p in list(blocks.parameters()) + list(unet.out.parameters()):
         p.zero_()
     sqrt2 = 2 ** 0.5
-    # Blocks 0-8: the fields, carried and bilinearly upsampled; laid out at the supervision feature.
-    # Block 0 adds a constant 1 (channel FIELDS) whose upsampling is the zero padding's pull toward 0
-    # near the border, B: the disc test then compares u^2 + v^2 with rho^2 B^2, as u and v are pulled.
-    carried = FIELDS + 1
-    for i in range(9):
+    # Blocks 0-1: each u (v) field's mean over the cells, the cells' x and y ramps and a constant 1
+    # (``set_rigid_read``). Blocks 2-8 carry them up: the means and the constant by repetition
+    # (exact to the border), the ramps as exact ramps at every level (``_ramp_upsample``), the
+    # background bilinearly; block 8 lays out u = x ramp + mean (v alike) at the supervision feature.
+    set_rigid_read(unet)
+    carried = FIELDS + 3
+    ramp_x, ramp_y = FIELDS + 1, FIELDS + 2
+    side = 4
+    for i in range(2, 9):
         for module in blocks[i]:
             if isinstance(module, ResBlock):
                 module.skip_connection.weight[:carried, :carried, 0, 0] = torch.eye(carried)
-                if i == 0:
-                    module.skip_connection.weight[FIELDS, FIELDS, 0, 0] = 0
-                    module.skip_connection.bias[FIELDS] = 1
             elif isinstance(module, Upsample):
                 conv = module.conv
-                for f in range(carried):
-                    if i < 8:
+                side *= 2
+                if i < 8:
+                    for f in list(range(2 * SLOTS)) + [FIELDS]:
+                        conv.weight[f, f, 1, 1] = 1
+                    for f in range(2 * SLOTS, FIELDS):
                         conv.weight[f, f] = BILINEAR
-                    else:
-                        conv.weight[4 * f, f] = BILINEAR
-                        conv.weight[4 * f + 1, f] = -BILINEAR
-                        conv.bias[4 * f + 2] = A_FIELD
-                        conv.bias[4 * f + 3] = -A_FIELD
+                    _ramp_upsample(conv, ramp_x, ramp_x, 0, side, 1.0)
+                    _ramp_upsample(conv, ramp_y, ramp_y, 1, side, 1.0)
+                    continue
+                for f in range(FIELDS + 1):
+                    for j, sign in ((4 * f, 1), (4 * f + 1, -1)):
+                        if f < 2 * SLOTS:
+                            conv.weight[j, f, 1, 1] = sign
+                            _ramp_upsample(conv, j, ramp_y if f % 2 else ramp_x, f % 2, side, sign)
+                        elif f < FIELDS:
+                            conv.weight[j, f] = sign * BILINEAR
+                        else:
+                            conv.weight[j, f, 1, 1] = sign
+                    conv.bias[4 * f + 2] = A_FIELD
+                    conv.bias[4 * f + 3] = -A_FIELD
     # Block 9: each disc's inside test d = B^2 - (Q(u) + Q(v)) / Q(rho); from d / rms(d) (x, after
     # RAMP) its coverage silu(x + 1/2) - silu(x - 1/2) and its edge, a bump of about sqrt(c (1 - c)).
     res = blocks[9][0]
