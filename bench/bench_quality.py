@@ -171,9 +171,9 @@ def main(argv=None):
     from toy import model as toy_model
 
     weights = args.weights or toy_model.WEIGHTS
-    set_decoder = toy_model.metadata(weights).get("decoder") == "set"
     args.halt_step = demo.default_halt_step(weights) if args.halt_step is None else args.halt_step
-    args.mask_lambda = (0.0 if set_decoder else 0.1) if args.mask_lambda is None else args.mask_lambda
+    if args.mask_lambda is None:
+        args.mask_lambda = 0.0 if toy_model.has_set_decoder(weights) else 0.1
     args.mask_when_empty = args.mask_when_empty or demo.mask_when_empty(weights)
     import torch
 

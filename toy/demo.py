@@ -43,8 +43,7 @@ def mask_when_empty(path=None):
     DragDiffusion does."""
     from toy import model as toy_model
 
-    return "skip mask loss" if toy_model.metadata(path or toy_model.WEIGHTS).get("decoder") == "set" \
-        else "regularize whole image"
+    return "skip mask loss" if toy_model.has_set_decoder(path or toy_model.WEIGHTS) else "regularize whole image"
 
 
 def default_halt_step(path=None):
@@ -54,7 +53,7 @@ def default_halt_step(path=None):
     z_t that still holds the faint ghost of where the object was (toy/FINDINGS.md, "A rigid read")."""
     from toy import model as toy_model
 
-    return 0 if toy_model.metadata(path or toy_model.WEIGHTS).get("decoder") == "set" else 10
+    return 0 if toy_model.has_set_decoder(path or toy_model.WEIGHTS) else 10
 
 
 def demo_case(seed=DEMO_SEED, drag=DEMO_DRAG):

@@ -229,10 +229,16 @@ def scene_palette(path=WEIGHTS):
     return PALETTE
 
 
+def has_set_decoder(path=WEIGHTS):
+    """Whether a weights file is a set-decoder model's (``toy.set_decoder``): it holds the encoder,
+    and its decoder is built by code."""
+    return metadata(path).get("decoder") == "set"
+
+
 def scene_radii(path=WEIGHTS):
     """Each palette colour's radius in pixels in a set-decoder model's world (``toy.set_decoder``:
     every colour has its own), or None: drags on it should use scenes with those radii."""
-    if metadata(path).get("decoder") != "set":
+    if not has_set_decoder(path):
         return None
     from toy.set_decoder import RADII
 
@@ -265,7 +271,7 @@ def load(path=WEIGHTS):
     import comfy.sd
 
     unet_sd, vae_sd = read(path)
-    if metadata(path).get("decoder") == "set":  # the file holds the encoder; the decoder is built
+    if has_set_decoder(path):  # the file holds the encoder; the decoder is built
         from toy import set_decoder
 
         base = set_decoder.build_unet()

@@ -389,8 +389,9 @@ def _ramp_upsample(conv, out, ramp, axis, side, gain):
 @torch.no_grad()
 def set_rigid_read(unet):
     """Sets output blocks 0 and 1 (4x4 cells) so that block 1's output holds, in channel f < 2 SLOTS,
-    each u (v) field's mean over the cells plus the ramp of the cells' x (y): the field a disc at
-    the mean centre would have; then the background's colour and a constant 1 (channel FIELDS).
+    each u (v) field's mean over the cells (at every cell); then the background's colour, a
+    constant 1 (channel FIELDS) and the cells' x and y ramps (channels FIELDS + 1, FIELDS + 2), from
+    which blocks 2-8 make u = x ramp + mean, the field a disc at the mean centre would have.
 
     GroupNorm keeps a mean only where its group also holds a large zero-mean pattern: the group's
     mean is then (field mean) / 4 and its spread is the pattern's to second order, so the
